@@ -1,0 +1,380 @@
+"""Datasets, class names, transforms, and the forget/retain split builders.
+
+Every item is `(image_tensor, target, fine_label)`: `target` is what the model is trained on,
+`fine_label` the finest label the data has (the CIFAR-100 class behind a CIFAR-20 superclass).
+Images stay in their compact on-disk form (uint8 arrays or files) and are transformed one item
+at a time, so a 224x224 ViT run never holds the whole dataset as float tensors.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from sklearn.model_selection import train_test_split
+from torch.utils.data import Dataset, Subset
+from torchvision import transforms as T
+
+from common import UserError, array_sha256
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+CIFAR100_CLASSES = [
+    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle",
+    "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle",
+    "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur",
+    "dolphin", "elephant", "flatfish", "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard",
+    "lamp", "lawn_mower", "leopard", "lion", "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain",
+    "mouse", "mushroom", "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree",
+    "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray", "road", "rocket",
+    "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider",
+    "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone", "television", "tiger", "tractor",
+    "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm",
+]
+
+# The 20 CIFAR-100 superclasses, in the order of the dataset's own `coarse_label_names`.
+CIFAR20_CLASSES = [
+    "aquatic_mammals", "fish", "flowers", "food_containers", "fruit_and_vegetables",
+    "household_electrical_devices", "household_furniture", "insects", "large_carnivores",
+    "large_man-made_outdoor_things", "large_natural_outdoor_scenes", "large_omnivores_and_herbivores",
+    "medium_mammals", "non-insect_invertebrates", "people", "reptiles", "small_mammals", "trees",
+    "vehicles_1", "vehicles_2",
+]
+
+# Standard fine -> coarse map of CIFAR-100 (the `coarse_labels` field of the original files).
+CIFAR100_TO_20 = np.array([
+    4, 1, 14, 8, 0, 6, 7, 7, 18, 3, 3, 14, 9, 18, 7, 11, 3, 9, 7, 11,
+    6, 11, 5, 10, 7, 6, 13, 15, 3, 15, 0, 11, 1, 10, 12, 14, 16, 9, 11, 5,
+    5, 19, 8, 8, 15, 13, 14, 17, 18, 10, 16, 4, 17, 4, 2, 0, 17, 4, 18, 17,
+    10, 3, 2, 12, 12, 16, 12, 1, 9, 19, 2, 10, 0, 1, 16, 12, 9, 13, 15, 13,
+    16, 19, 2, 4, 6, 19, 5, 5, 8, 19, 18, 1, 2, 15, 6, 0, 17, 8, 14, 13,
+])
+
+# Short superclass names used by the SSD paper's code, accepted beside the official ones.
+CIFAR20_ALIASES = {
+    "vehicle1": "vehicles_1", "vehicle2": "vehicles_2", "veg": "fruit_and_vegetables",
+    "electrical_devices": "household_electrical_devices", "natural_scenes": "large_natural_outdoor_scenes",
+    "furniture": "household_furniture", "man_made_outdoor": "large_man-made_outdoor_things",
+    "carnivores": "large_carnivores", "omnivores_herbivores": "large_omnivores_and_herbivores",
+    "invertebrates": "non-insect_invertebrates",
+}
+
+DIGIT_CLASSES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+# digits5: five superclasses of two consecutive digits each, the small analogue of CIFAR-20
+# that lets the sub-class scenario run offline (forget "three" while keeping "two").
+DIGITS5_CLASSES = ["zero_one", "two_three", "four_five", "six_seven", "eight_nine"]
+DIGITS_TO_5 = np.arange(10) // 2
+
+DATASETS = ("cifar10", "cifar20", "cifar100", "faces", "digits", "digits5")
+SCENARIOS = ("full_class", "sub_class", "random")
+
+_MEAN_STD = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+_MEAN_STD["cifar20"] = _MEAN_STD["cifar100"]
+_HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # ViT's own processor normalisation; also digits and faces
+
+
+class LabeledImages(Dataset):
+    """Images from `source` (item[0] is a PIL image), with targets and fine labels as arrays."""
+
+    def __init__(self, source, fine: np.ndarray, fine_to_target: np.ndarray | None, transform=None):
+        self.source = source
+        self.fine = np.asarray(fine, dtype=np.int64)
+        self.targets = self.fine if fine_to_target is None else np.asarray(fine_to_target)[self.fine]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.fine)
+
+    def __getitem__(self, i: int):
+        image = self.source[i][0]
+        x = self.transform(image) if self.transform is not None else image
+        return x, int(self.targets[i]), int(self.fine[i])
+
+    def with_transform(self, transform) -> "LabeledImages":
+        """A view with another transform; the data itself is shared, never copied."""
+        view = copy.copy(self)
+        view.transform = transform
+        return view
+
+
+class _UInt8Images(Dataset):
+    """An (N, H, W, 3) uint8 array served as PIL images, like torchvision's CIFAR."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, i: int):
+        return Image.fromarray(self.array[i]), 0
+
+
+def _cifar_class(base):
+    # torchvision checks md5 sums; files we generate in the same layout (tests, converted data)
+    # cannot match them, so only existence is checked here. A corrupt file still fails to unpickle.
+    return type(base.__name__, (base,), {
+        "train_list": [[name, None] for name, _ in base.train_list],
+        "test_list": [[name, None] for name, _ in base.test_list],
+        "meta": {**base.meta, "md5": None},
+    })
+
+
+_CIFAR10 = _cifar_class(torchvision.datasets.CIFAR10)
+_CIFAR100 = _cifar_class(torchvision.datasets.CIFAR100)
+
+
+def _load_cifar(cls, root: Path, download: bool):
+    try:
+        return cls(str(root), train=True, download=download), cls(str(root), train=False, download=False)
+    except Exception as e:  # download errors, missing or unreadable files
+        raise UserError(f"could not load {cls.__name__} from {root}/{cls.base_folder}: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''} (put the python-version CIFAR files "
+                        f"there, or pass --data-dir to where they are, or allow the download)") from None
+
+
+def digits_arrays(image_size: int = 32, test_fraction: float = 0.25, split_seed: int = 0):
+    """sklearn's 8x8 digits as RGB uint8 images of `image_size`, with a fixed stratified split."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.images).float().unsqueeze(1) / 16.0  # (N, 1, 8, 8) in [0, 1]
+    x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    x = (x.clamp(0, 1) * 255).round().to(torch.uint8).repeat(1, 3, 1, 1).permute(0, 2, 3, 1).numpy()
+    idx = np.arange(len(d.target))
+    train_idx, test_idx = train_test_split(idx, test_size=test_fraction, stratify=d.target, random_state=split_seed)
+    train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
+    return (x[train_idx], d.target[train_idx]), (x[test_idx], d.target[test_idx])
+
+
+@dataclass
+class Data:
+    """One dataset: the train and test sets (eval transform) and which train indices the model trains on."""
+
+    name: str
+    train: LabeledImages
+    test: LabeledImages
+    train_aug: LabeledImages  # the same images, with training augmentation
+    train_idx: np.ndarray     # indices of `train` used for training (all minus the validation split)
+    val_idx: np.ndarray       # held-out indices of `train` for checkpoint selection
+    classes: list[str]        # names of the training targets
+    fine_classes: list[str]   # names of the fine labels (== classes unless superclasses are the targets)
+    image_size: int
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def has_superclasses(self) -> bool:
+        return self.fine_classes != self.classes
+
+    def split_hash(self) -> str:
+        return array_sha256(np.concatenate([self.train_idx, [-1], self.val_idx]))
+
+
+def make_transform(dataset: str, image_size: int, train: bool, vit: bool = False, native_size: int | None = None):
+    """A new transform pipeline each call; nothing is shared or mutated between views."""
+    mean, std = _HALF if vit else _MEAN_STD.get(dataset, _HALF)
+    steps = []
+    if native_size != image_size:
+        steps.append(T.Resize((image_size, image_size), antialias=True))
+    if train:
+        steps.append(T.RandomCrop(image_size, padding=max(1, image_size // 8)))
+        if not dataset.startswith("digits"):  # a mirrored digit is another symbol
+            steps.append(T.RandomHorizontalFlip())
+    steps += [T.ToTensor(), T.Normalize(mean, std)]
+    return T.Compose(steps)
+
+
+def build_data(name: str, data_dir: str | Path = "data", image_size: int | None = None, vit: bool = False,
+               val_fraction: float = 0.1, split_seed: int = 0, download: bool = True,
+               faces_test_fraction: float = 0.2) -> Data:
+    """Load a dataset and carve a stratified validation split out of its training set.
+
+    `image_size` defaults to the data's native size (32). The validation split depends only on
+    (dataset, val_fraction, split_seed), so a checkpoint's split can be rebuilt from its metadata.
+    """
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r} (choose one of {', '.join(DATASETS)})")
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    root = Path(data_dir)
+    native = 32
+    if name in ("cifar10", "cifar20", "cifar100"):
+        cls = _CIFAR10 if name == "cifar10" else _CIFAR100
+        tr, te = _load_cifar(cls, root, download)
+        to_target = CIFAR100_TO_20 if name == "cifar20" else None
+        fine_classes = CIFAR10_CLASSES if name == "cifar10" else CIFAR100_CLASSES
+        classes = CIFAR20_CLASSES if name == "cifar20" else fine_classes
+        train = LabeledImages(tr, np.array(tr.targets), to_target)
+        test = LabeledImages(te, np.array(te.targets), to_target)
+    elif name in ("digits", "digits5"):
+        native = image_size or 32
+        (xtr, ytr), (xte, yte) = digits_arrays(native)
+        to_target = DIGITS_TO_5 if name == "digits5" else None
+        fine_classes = DIGIT_CLASSES
+        classes = DIGITS5_CLASSES if name == "digits5" else DIGIT_CLASSES
+        train = LabeledImages(_UInt8Images(xtr), ytr, to_target)
+        test = LabeledImages(_UInt8Images(xte), yte, to_target)
+    else:  # faces: an image folder with one sub-folder per identity, split here (the original had no split)
+        folder = root / "faces"
+        if not folder.is_dir():
+            raise UserError(f"face dataset folder {folder} not found (put one sub-folder of images per "
+                            f"identity there, e.g. PinsFaceRecognition's 105 folders, or pass --data-dir)")
+        full = torchvision.datasets.ImageFolder(str(folder))
+        labels = np.array(full.targets)
+        idx = np.arange(len(labels))
+        tr_idx, te_idx = train_test_split(idx, test_size=faces_test_fraction, stratify=labels, random_state=split_seed)
+        tr_idx, te_idx = np.sort(tr_idx), np.sort(te_idx)
+        fine_classes = classes = list(full.classes)
+        train = LabeledImages(Subset(full, tr_idx), labels[tr_idx], None)
+        test = LabeledImages(Subset(full, te_idx), labels[te_idx], None)
+        native = None  # arbitrary sizes: always resize
+    image_size = image_size or native or 32
+
+    all_idx = np.arange(len(train))
+    if val_fraction > 0:
+        train_idx, val_idx = train_test_split(all_idx, test_size=val_fraction, stratify=train.targets,
+                                              random_state=split_seed)
+        train_idx, val_idx = np.sort(train_idx), np.sort(val_idx)
+    else:
+        train_idx, val_idx = all_idx, np.array([], dtype=np.int64)
+
+    def view(ds, aug):
+        return ds.with_transform(make_transform(name, image_size, aug, vit, native))
+
+    return Data(name=name, train=view(train, False), test=view(test, False), train_aug=view(train, True),
+                train_idx=train_idx, val_idx=val_idx, classes=list(classes), fine_classes=list(fine_classes),
+                image_size=image_size)
+
+
+def resolve_class(name: str, classes: list[str], what: str = "class") -> int:
+    """A class given by name, by a known alias, or by index -> its index in `classes`."""
+    key = str(name).strip()
+    lowered = {c.lower(): i for i, c in enumerate(classes)}
+    for candidate in (key, CIFAR20_ALIASES.get(key.lower(), ""), f"pins_{key}"):
+        if candidate.lower() in lowered:
+            return lowered[candidate.lower()]
+    if key.isdigit() and int(key) < len(classes):
+        return int(key)
+    shown = ", ".join(classes[:25]) + (", ..." if len(classes) > 25 else "")
+    raise UserError(f"unknown {what} {name!r} (choose one of: {shown}; or an index 0-{len(classes) - 1})")
+
+
+@dataclass
+class Splits:
+    """Index subsets for one forget request. Indices point into `data.train` and `data.test`."""
+
+    data: Data
+    scenario: str
+    forget_idx: np.ndarray
+    retain_idx: np.ndarray
+    forget_test_idx: np.ndarray
+    retain_test_idx: np.ndarray
+    df_split: str  # whose accuracy is reported as Df: "forget_test" (class scenarios) or "forget_train"
+    forget_classes: list[int]  # the targets that were forgotten as a whole (full class only)
+
+    def _sub(self, ds, idx) -> Subset:
+        return Subset(ds, idx.tolist())
+
+    @property
+    def forget_train(self) -> Subset:
+        return self._sub(self.data.train, self.forget_idx)
+
+    @property
+    def retain_train(self) -> Subset:
+        return self._sub(self.data.train, self.retain_idx)
+
+    @property
+    def retain_train_aug(self) -> Subset:
+        return self._sub(self.data.train_aug, self.retain_idx)
+
+    @property
+    def full_train(self) -> Subset:
+        """D in SSD: everything the original model was trained on."""
+        return self._sub(self.data.train, self.data.train_idx)
+
+    @property
+    def forget_test(self) -> Subset:
+        return self._sub(self.data.test, self.forget_test_idx)
+
+    @property
+    def retain_test(self) -> Subset:
+        return self._sub(self.data.test, self.retain_test_idx)
+
+    @property
+    def test(self) -> Subset:
+        return self._sub(self.data.test, np.arange(len(self.data.test)))
+
+    @property
+    def num_classes(self) -> int:
+        return self.data.num_classes
+
+    def hash(self) -> str:
+        return array_sha256(np.concatenate([self.forget_idx, [-1], self.retain_idx]))
+
+
+def build_splits(scenario: str, data: Data, forget_class: str | None = None, seed: int = 0,
+                 forget_count: int | None = None, forget_fraction: float | None = None) -> Splits:
+    """The forget/retain split of one scenario. This is the only place scenarios differ."""
+    pool = data.train_idx
+    test_all = np.arange(len(data.test))
+    if scenario == "full_class":
+        if forget_class is None:
+            raise UserError("full-class forgetting needs --forget-class")
+        c = resolve_class(forget_class, data.classes)
+        in_train = data.train.targets[pool] == c
+        in_test = data.test.targets == c
+        forget_classes, df_split = [c], "forget_test"
+    elif scenario == "sub_class":
+        if forget_class is None:
+            raise UserError("sub-class forgetting needs --forget-class")
+        if not data.has_superclasses:
+            raise UserError(f"sub-class forgetting needs a dataset whose targets are superclasses, not "
+                            f"{data.name!r} (use --dataset cifar20 or --dataset digits5)")
+        c = resolve_class(forget_class, data.fine_classes, "sub-class")
+        in_train = data.train.fine[pool] == c
+        in_test = data.test.fine == c
+        forget_classes, df_split = [], "forget_test"
+    elif scenario == "random":
+        n = len(pool)
+        if forget_fraction is not None:
+            if not 0 < forget_fraction < 1:
+                raise UserError(f"--forget-fraction must be in (0, 1), got {forget_fraction}")
+            count = random_split_count(n, forget_fraction)
+        else:
+            count = 100 if forget_count is None else forget_count
+        if not 0 < count < n:
+            raise UserError(f"cannot forget {count} of {n} training samples (choose --forget-count between 1 and {n - 1})")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+        in_train = np.zeros(n, dtype=bool)
+        in_train[order[:count]] = True
+        in_test = np.zeros(len(test_all), dtype=bool)
+        forget_classes, df_split = [], "forget_train"
+    else:
+        raise UserError(f"unknown scenario {scenario!r} (choose one of {', '.join(SCENARIOS)})")
+
+    forget_idx, retain_idx = pool[in_train], pool[~in_train]
+    if len(forget_idx) == 0:
+        raise UserError(f"the forget set is empty: class {forget_class!r} has no training samples in "
+                        f"{data.name} (pick a class that the data contains)")
+    return Splits(data, scenario, forget_idx, retain_idx, test_all[in_test], test_all[~in_test], df_split,
+                  forget_classes)
+
+
+def random_split_count(n: int, fraction: float) -> int:
+    """How many samples `torch.utils.data.random_split(ds, [f, 1 - f])` puts in the first part.
+
+    The SSD paper's code forgot `forget_perc=0.00165` of CIFAR's 50,000 images this way: floor(82.5)
+    is 82, and the one sample left over by the two floors goes to the first part, giving 83, not 100.
+    """
+    first, _ = torch.utils.data.random_split(range(n), [fraction, 1 - fraction])
+    return len(first)

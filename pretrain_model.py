@@ -1,0 +1,120 @@
+"""Train an original model: the one that later forgets.
+
+Writes <out>/model.pt (the state dict) and <out>/meta.json (everything needed to rebuild the model
+and its data split), both atomically. The checkpoint is selected on a validation split carved
+from the training set; the paper's code selected on the test set (--select-on-test restores that).
+
+    python pretrain_model.py --net resnet18 --dataset cifar100 --seed 1
+    python pretrain_model.py --net resnet18 --dataset digits --width 16      # CPU demo, ~40 s
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import models
+import training
+from torch.utils.data import Subset
+from common import (UserError, atomic_torch_save, atomic_write_json, file_sha256, git_commit, library_versions,
+                    resolve_device, seed_everything)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--net", "-net", default="resnet18", choices=models.NETS, help="architecture")
+    a("--dataset", "-dataset", default="digits", choices=datasets.DATASETS, help="training data")
+    a("--seed", "-seed", type=int, default=0, help="training seed (python, numpy, torch)")
+    a("--width", type=int, default=64, help="ResNet18 base width; 64 is the standard 11.2 M model")
+    a("--vit-config", default="base", choices=sorted(models.VIT_CONFIGS),
+      help="ViT size: base is ViT-B/16 (ImageNet weights by name), tiny is offline and small")
+    a("--vit-name", default=models.VIT_DEFAULT_NAME, help="pretrained ViT to fine-tune (with --vit-config base)")
+    a("--no-pretrained", action="store_true", help="train a ViT-base from random weights instead")
+    a("--image-size", type=int, default=None, help="input size (default: 224 for ViT-base, else 32)")
+    a("--epochs", type=int, default=None, help="epochs (default: the paper's table for net and dataset)")
+    a("--milestones", type=int, nargs="*", default=None, help="epochs where lr is multiplied by --gamma")
+    a("--lr", type=float, default=0.1, help="SGD learning rate")
+    a("--momentum", type=float, default=0.9, help="SGD momentum")
+    a("--weight-decay", type=float, default=5e-4, help="weight decay")
+    a("--batch-size", "-b", type=int, default=64, help="training batch size")
+    a("--warmup-epochs", type=int, default=1, help="epochs of linear lr warm-up")
+    a("--gamma", type=float, default=0.2, help="lr factor at each milestone")
+    a("--val-fraction", type=float, default=0.1, help="stratified share of the training set held out for selection")
+    a("--split-seed", type=int, default=0, help="seed of the validation split (fixed, so every model shares it)")
+    a("--select-on-test", action="store_true",
+      help="the paper code's behaviour: no validation split, select the checkpoint on the test set")
+    a("--out", default=None, help="output folder (default: <checkpoint-dir>/<net>-<dataset>-seed<seed>)")
+    a("--checkpoint-dir", default="runs/pretrain", help="parent folder of the default --out")
+    a("--force", action="store_true", help="retrain even if --out already holds a checkpoint")
+    a("--data-dir", default="data", help="dataset root (CIFAR is downloaded there if missing)")
+    a("--no-download", action="store_true", help="never try to download a missing dataset")
+    a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    a("--amp", action="store_true", help="bf16 autocast while training and evaluating")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    out = Path(args.out or Path(args.checkpoint_dir) / f"{args.net}-{args.dataset}-seed{args.seed}")
+    if (out / "meta.json").exists() and (out / "model.pt").exists() and not args.force:
+        print(f"{out} already holds a checkpoint; nothing to do (--force retrains)")
+        return out
+    seed_everything(args.seed)
+    device = resolve_device(args.device)
+    pretrained = args.net == "vit" and args.vit_config == "base" and not args.no_pretrained
+    image_size = args.image_size or (224 if args.net == "vit" and args.vit_config == "base" else 32)
+    if pretrained and image_size != 224:
+        raise UserError(f"the pretrained ViT-B/16 takes 224x224 inputs, not {image_size} (drop --image-size)")
+    val_fraction = 0.0 if args.select_on_test else args.val_fraction
+    data = datasets.build_data(args.dataset, args.data_dir, image_size, vit=args.net == "vit",
+                               val_fraction=val_fraction, split_seed=args.split_seed, download=not args.no_download)
+    spec = models.make_spec(args.net, data.num_classes, image_size, args.width, args.vit_config, args.vit_name)
+    model = models.initial(spec, pretrained, seed=args.seed).to(device)
+
+    recipe = training.pretrain_recipe(args.net, args.dataset)
+    for field in ("epochs", "milestones", "lr", "momentum", "weight_decay", "batch_size", "warmup_epochs", "gamma"):
+        if getattr(args, field) is not None:
+            setattr(recipe, field, getattr(args, field))
+    train_set = Subset(data.train_aug, data.train_idx.tolist())
+    select_set = data.test if args.select_on_test else Subset(data.train, data.val_idx.tolist())
+    select_name = "test" if args.select_on_test else "validation"
+    best = {"acc": -1.0, "epoch": -1, "state": None}
+
+    def select(epoch, m):
+        acc = 100 * training.accuracy(m, select_set, device)
+        if acc > best["acc"]:
+            best.update(acc=acc, epoch=epoch + 1, state=copy.deepcopy(m.state_dict()))
+        print(f"epoch {epoch + 1}/{recipe.epochs}: {select_name} accuracy {acc:.2f}% (best {best['acc']:.2f}%)")
+
+    print(f"pretraining {args.net} ({models.count_parameters(model):,} parameters) on {args.dataset}: "
+          f"{len(train_set)} train, {len(data.val_idx)} validation, {len(data.test)} test images, {device}")
+    t0 = time.perf_counter()
+    training.train(model, train_set, recipe, device, seed=args.seed, on_epoch_end=select, amp=args.amp,
+                   desc="pretrain")
+    train_s = time.perf_counter() - t0
+    model.load_state_dict(best["state"])
+    test_acc = 100 * training.accuracy(model, data.test, device)
+
+    atomic_torch_save({k: v.cpu() for k, v in model.state_dict().items()}, out / "model.pt")
+    meta = {"net": args.net, "dataset": args.dataset, "seed": args.seed, "model_spec": spec, "pretrained": pretrained,
+            "classes": data.classes, "image_size": image_size, "recipe": recipe.as_dict(),
+            "val_fraction": val_fraction, "split_seed": args.split_seed, "split_hash": data.split_hash(),
+            "selected_on": select_name, "best_epoch": best["epoch"], "val_acc": None if args.select_on_test else best["acc"],
+            "test_acc": test_acc, "train_s": train_s, "sha256": file_sha256(out / "model.pt"),
+            "versions": library_versions(), "git": git_commit(), "device": str(device)}
+    atomic_write_json(out / "meta.json", meta)
+    print(f"saved {out}/model.pt: epoch {best['epoch']}, {select_name} {best['acc']:.2f}%, test {test_acc:.2f}%, "
+          f"{train_s:.0f}s")
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,250 @@
+"""The path of one forget run, shared by the three forget_*_main.py scripts.
+
+flags -> seed -> checkpoint + metadata -> data and splits -> method (timed alone)
+      -> metrics (timed apart) -> one results line (locked, atomic) -> wandb
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import datasets
+import methods
+import metrics
+import models
+import results
+from common import UserError, file_sha256, git_commit, library_versions, resolve_device, seed_everything
+
+DEFAULT_DATASET = {"full_class": "digits", "sub_class": "digits5", "random": "digits"}
+
+
+def build_parser(scenario: str, ssd_params: dict, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--net", "-net", default="resnet18", choices=models.NETS, help="architecture of the checkpoint")
+    a("--dataset", "-dataset", default=DEFAULT_DATASET[scenario], choices=datasets.DATASETS,
+      help="dataset the checkpoint was trained on (digits/digits5 are embedded and need no download)")
+    if scenario != "random":
+        what = "fine class (e.g. rocket, mushroom, baby, lamp, sea; or three for digits5)" \
+            if scenario == "sub_class" else "class or superclass (e.g. rocket, vehicle2, veg, people; or three for digits)"
+        a("--forget-class", "-forget_class", required=True, help=f"name or index of the {what} to forget")
+    else:
+        g = p.add_mutually_exclusive_group()
+        g.add_argument("--forget-count", type=int, default=None,
+                       help="number of random training samples to forget (default 100)")
+        g.add_argument("--forget-fraction", type=float, default=None,
+                       help="fraction to forget, split as torch's random_split does: the paper's 0.00165 "
+                            "gives 83 of 50,000 samples, not 100")
+    a("--method", "-method", default="ssd", choices=sorted(methods.REGISTRY), help="unlearning method")
+    a("--weights", "-weight_path", default=None,
+      help="model.pt of the original model (its meta.json lies beside it); by default the checkpoint "
+           "whose metadata matches --net, --dataset and --model-seed is taken from --checkpoint-dir")
+    a("--checkpoint-dir", default="runs/pretrain", help="where pretrain_model.py writes checkpoints")
+    a("--seed", "-seed", type=int, default=0, help="seeds python, numpy and torch; also the random split's seed")
+    a("--model-seed", type=int, default=None, help="training seed of the checkpoint to look up (default: --seed)")
+    a("--batch-size", "-b", type=int, default=64, help="batch size of the importance passes and of methods that train")
+    a("--eval-batch-size", type=int, default=512, help="batch size of evaluation (metrics do not depend on it)")
+    a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    a("--data-dir", default="data", help="root folder of the datasets (CIFAR is downloaded there if missing)")
+    a("--no-download", action="store_true", help="never try to download a missing dataset")
+    a("--results", default="runs/results.jsonl", help="JSON-lines results file; one line is appended per run")
+    a("--force", action="store_true", help="run even if this exact run is already in the results file")
+    ssd_help = ", ".join(f"{k}: {v[0]}" for k, v in ssd_params.items())
+    a("--alpha", type=float, default=None, help=f"SSD selection threshold alpha (default per model: {ssd_help})")
+    a("--lambda", dest="lam", type=float, default=None,
+      help="SSD dampening constant lambda (default per model: "
+           + ", ".join(f"{k}: {v[1]}" for k, v in ssd_params.items()) + ")")
+    a("--importance-cache", default="runs/importance_cache", help="folder of cached full-data importances")
+    a("--no-importance-cache", dest="importance_cache", action="store_const", const="",
+      help="always recompute SSD's importance on the full training set")
+    a("--retrain-epochs", type=int, default=None, help="shorten retrain's schedule (default: the pretraining epochs)")
+    a("--amp", action="store_true", help="bf16 autocast in importances, training and evaluation")
+    a("--wandb", default="auto", choices=["auto", "online", "offline", "disabled"],
+      help="wandb mode; auto is online when WANDB_API_KEY is set, else offline")
+    a("--wandb-project", default=None, help="wandb project (default: <net>-<dataset>-<scenario>)")
+    return p
+
+
+def ssd_defaults(ssd_params: dict, net: str, dataset: str) -> tuple[float, float]:
+    """The constants of the calling script: a (net, dataset) entry wins over the net's entry."""
+    return ssd_params.get((net, dataset), ssd_params[net])
+
+
+def find_checkpoint(checkpoint_dir: str | Path, net: str, dataset: str, seed: int) -> Path:
+    """The model.pt whose meta.json matches (net, dataset, seed)."""
+    found = []
+    for meta_path in sorted(Path(checkpoint_dir).glob("*/meta.json")):
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if meta.get("net") == net and meta.get("dataset") == dataset and meta.get("seed") == seed:
+            found.append(meta_path.parent / "model.pt")
+    if not found:
+        raise UserError(f"no checkpoint for net={net} dataset={dataset} seed={seed} in {checkpoint_dir} "
+                        f"(run: python pretrain_model.py --net {net} --dataset {dataset} --seed {seed}, "
+                        f"or pass --weights)")
+    if len(found) > 1:
+        raise UserError(f"several checkpoints match net={net} dataset={dataset} seed={seed}: "
+                        f"{', '.join(map(str, found))} (pass one with --weights)")
+    return found[0]
+
+
+def load_meta(weights: Path) -> dict:
+    meta_path = weights.parent / "meta.json"
+    if not weights.is_file():
+        raise UserError(f"checkpoint {weights} not found (pretrain it with pretrain_model.py, or fix --weights)")
+    try:
+        return json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"metadata {meta_path} is missing or unreadable ({type(e).__name__}) "
+                        f"(re-run pretrain_model.py, which writes both files)") from None
+
+
+def load_model(weights: Path, meta: dict) -> torch.nn.Module:
+    """Rebuild the model from its metadata and load the weights safely, after checking the file hash."""
+    if meta.get("sha256") and file_sha256(weights) != meta["sha256"]:
+        raise UserError(f"checkpoint {weights} does not match the hash in its meta.json: the file was changed "
+                        f"or truncated (re-run pretrain_model.py)")
+    model = models.build(meta["model_spec"])
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        msg = str(e).splitlines()[0]
+        raise UserError(f"checkpoint {weights} cannot be loaded into {meta['model_spec']}: {msg[:200]} "
+                        f"(the file is corrupt or was saved for another model; re-run pretrain_model.py)") from None
+    except Exception as e:
+        raise UserError(f"checkpoint {weights} is corrupt ({type(e).__name__}) (re-run pretrain_model.py)") from None
+    return model
+
+
+def check_meta(meta: dict, args, data: datasets.Data) -> None:
+    for field, want in (("net", args.net), ("dataset", args.dataset)):
+        if meta.get(field) != want:
+            raise UserError(f"checkpoint was trained with {field}={meta.get(field)!r} but --{field} is {want!r} "
+                            f"(pass --{field} {meta.get(field)} or another --weights)")
+    if meta["model_spec"]["num_classes"] != data.num_classes:
+        raise UserError(f"checkpoint has {meta['model_spec']['num_classes']} classes but {data.name} has "
+                        f"{data.num_classes} (use the checkpoint trained on {data.name})")
+    if meta.get("split_hash") and meta["split_hash"] != data.split_hash():
+        raise UserError(f"the train/validation split rebuilt for {data.name} differs from the checkpoint's "
+                        f"(the data changed since pretraining; re-run pretrain_model.py)")
+
+
+def run(scenario: str, ssd_params: dict, argv: list[str] | None = None, description: str = "") -> dict | None:
+    args = build_parser(scenario, ssd_params, description).parse_args(argv)
+    default_alpha, default_lam = ssd_defaults(ssd_params, args.net, args.dataset)
+    args.alpha = default_alpha if args.alpha is None else args.alpha
+    args.lam = default_lam if args.lam is None else args.lam
+    if args.alpha < 0 or args.lam < 0:
+        raise UserError(f"alpha and lambda must be >= 0, got alpha={args.alpha}, lambda={args.lam} "
+                        f"(pass non-negative --alpha and --lambda)")
+    if args.model_seed is None:
+        args.model_seed = args.seed
+    seed_everything(args.seed)
+    device = resolve_device(args.device)
+
+    weights = Path(args.weights) if args.weights else find_checkpoint(args.checkpoint_dir, args.net, args.dataset,
+                                                                     args.model_seed)
+    if weights.is_dir():
+        weights = weights / "model.pt"
+    meta = load_meta(weights)
+    data = datasets.build_data(args.dataset, args.data_dir, image_size=meta["model_spec"]["image_size"],
+                               vit=args.net == "vit", val_fraction=meta.get("val_fraction", 0.1),
+                               split_seed=meta.get("split_seed", 0), download=not args.no_download)
+    check_meta(meta, args, data)
+    splits = datasets.build_splits(scenario, data, getattr(args, "forget_class", None), seed=args.seed,
+                                   forget_count=getattr(args, "forget_count", None),
+                                   forget_fraction=getattr(args, "forget_fraction", None))
+
+    config = {"scenario": scenario, **{k: v for k, v in vars(args).items()},
+              "forget_class": _forget_name(splits, args), "checkpoint_sha256": meta.get("sha256"),
+              "model_spec": meta["model_spec"], "split_hash": splits.hash(), "recipe": meta["recipe"]}
+    key = results.run_key(config)
+    if not args.force and key in results.done_keys(args.results):
+        print(f"skip: {scenario} {args.method} seed {args.seed} is already in {args.results} (key {key}; --force reruns)")
+        return None
+    with results.claim(args.results, key) as mine:
+        if not mine:
+            print(f"skip: {scenario} {args.method} seed {args.seed} is running in another process (key {key})")
+            return None
+        if not args.force and key in results.done_keys(args.results):  # finished while we waited
+            return None
+        return _run_claimed(args, scenario, meta, weights, data, splits, config, key, device)
+
+
+def _forget_name(splits: datasets.Splits, args) -> str | None:
+    if splits.scenario == "full_class":
+        return splits.data.classes[splits.forget_classes[0]]
+    if splits.scenario == "sub_class":
+        return splits.data.fine_classes[int(splits.data.train.fine[splits.forget_idx[0]])]
+    return None
+
+
+def _run_claimed(args, scenario, meta, weights, data, splits, config, key, device) -> dict:
+    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    model = load_model(weights, meta).to(device)
+    cfg = argparse.Namespace(**{**vars(args), "device": device}, model_spec=meta["model_spec"],
+                             pretrained=bool(meta.get("pretrained")), recipe=meta["recipe"],
+                             checkpoint_sha256=meta.get("sha256"))
+    print(f"{scenario}: {args.method} on {args.net}/{args.dataset}, forget {config['forget_class'] or ''} "
+          f"({len(splits.forget_idx)} train samples), alpha={args.alpha} lambda={args.lam}, seed {args.seed}, {device}")
+
+    _sync(device)
+    t0 = time.perf_counter()
+    model, info = methods.REGISTRY[args.method](model, splits, cfg)
+    _sync(device)
+    method_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    random_model = models.initial(meta["model_spec"], pretrained=False, seed=args.seed + 2).to(device)
+    m = metrics.evaluate(model, splits, device, random_model, args.eval_batch_size, args.amp)
+    eval_s = time.perf_counter() - t0
+
+    times = {"method_s": method_s, "eval_s": eval_s, **{k: v for k, v in info.items() if k.endswith("_s")}}
+    record = {"key": key, "config": config, "metrics": m, "times": times,
+              "method_info": {k: v for k, v in info.items() if not k.endswith("_s")},
+              "checkpoint": {"path": str(weights), "sha256": meta.get("sha256"), "train_seed": meta.get("seed"),
+                             "val_acc": meta.get("val_acc"), "test_acc": meta.get("test_acc")},
+              "git": git_commit(), "versions": library_versions(), "started": started,
+              "host": socket.gethostname(),
+              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    results.append(args.results, record)
+    print(f"Df {_fmt(m['df'])}  retain-test {_fmt(m['retain_test_acc'])}  test {_fmt(m['test_acc'])}  "
+          f"MIA {_fmt(m['mia'])}  ZRF {m.get('zrf', float('nan')):.3f}  method {method_s:.2f}s  eval {eval_s:.2f}s")
+    try:
+        log_dir = Path(args.results).parent
+        results.log_wandb(record, args.wandb_project or f"{args.net}-{args.dataset}-{scenario}",
+                          group=str(config["forget_class"] or f"random{len(splits.forget_idx)}"),
+                          name=args.method, mode=args.wandb, run_dir=log_dir)
+    except Exception as e:  # the results line is already safe; tracking must not lose it
+        print(f"warning: wandb logging failed: {type(e).__name__}: {e}", file=sys.stderr)
+    return record
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(scenario: str, ssd_params: dict, description: str) -> None:
+    try:
+        run(scenario, ssd_params, description=description)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; the results file holds only completed runs", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,97 @@
+"""Selective Synaptic Dampening (Foster et al., AAAI 2024): importances, selection, dampening.
+
+The importance of a dataset follows the paper's code: with the model in eval mode, the mean over
+mini-batches of the squared gradient of the batch-mean loss (a diagonal Fisher estimate). Eval mode
+matters: in train mode batch-norm uses batch statistics and updates its running buffers, and the
+dampened model is then destroyed.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from common import UserError
+from training import autocast
+
+Importances = dict[str, torch.Tensor]
+
+
+def _loss(logits: torch.Tensor, y: torch.Tensor, variant: str) -> torch.Tensor:
+    if variant == "lfssd":  # Loss-free SSD: needs no labels, the squared L2 norm of the logits
+        return logits.float().pow(2).sum(dim=1).mean()
+    return F.cross_entropy(logits.float(), y)
+
+
+def importance(model: nn.Module, dl: DataLoader, device: torch.device, variant: str = "ssd",
+               amp: bool = False, desc: str = "importance") -> Importances:
+    """Mean over batches of grad**2 (ssd) or |grad| (lfssd), one tensor per trainable parameter."""
+    if variant not in ("ssd", "lfssd"):
+        raise ValueError(f"unknown importance variant {variant!r}")
+    model.to(device).eval()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    batches = 0
+    for x, y, *_ in tqdm(dl, desc=desc, leave=False, mininterval=2):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        model.zero_grad(set_to_none=True)
+        with autocast(device, amp):
+            loss = _loss(model(x), y, variant)
+        loss.backward()
+        for n, p in params.items():
+            if p.grad is not None:
+                g = p.grad.float()
+                total[n].add_(g.abs() if variant == "lfssd" else g.pow(2))
+        batches += 1
+    model.zero_grad(set_to_none=True)
+    if batches == 0:
+        raise UserError("cannot compute importances on an empty dataset (the forget set has no samples)")
+    return {n: t / batches for n, t in total.items()}
+
+
+@dataclass
+class DampenReport:
+    per_parameter: dict[str, int]  # elements dampened in each parameter tensor
+    total: int
+    num_elements: int
+
+
+def check_finite(imp: Importances, what: str) -> None:
+    for n, t in imp.items():
+        if not torch.isfinite(t).all():
+            raise UserError(f"the {what} importances of {n} contain NaN or inf, so SSD refuses to dampen "
+                            f"(run without --amp, or check the model for overflow)")
+
+
+@torch.no_grad()
+def dampen(model: nn.Module, imp_full: Importances, imp_forget: Importances, alpha: float,
+           lam: float) -> DampenReport:
+    """Multiply every element with I_Df > alpha * I_D by min(lam * I_D / I_Df, 1), in place.
+
+    Only elements where I_Df > alpha * I_D >= 0 are touched, so I_Df > 0 there and the ratio is
+    finite; alpha = inf selects nothing.
+    """
+    if alpha < 0 or lam < 0 or math.isnan(alpha) or math.isnan(lam):
+        raise UserError(f"alpha and lambda must be non-negative numbers, got alpha={alpha}, lambda={lam} "
+                        f"(pass --alpha and --lambda >= 0)")
+    check_finite(imp_full, "full-data")
+    check_finite(imp_forget, "forget-set")
+    per_parameter, total, elements = {}, 0, 0
+    for n, p in model.named_parameters():
+        if n not in imp_forget:
+            continue
+        d, f = imp_full[n].to(p.device), imp_forget[n].to(p.device)
+        selected = f > alpha * d if math.isfinite(alpha) else torch.zeros_like(f, dtype=torch.bool)
+        safe_f = torch.where(selected, f, torch.ones_like(f))
+        beta = torch.where(selected, (lam * d / safe_f).clamp(max=1.0), torch.ones_like(f))
+        p.mul_(beta.to(p.dtype))
+        count = int(selected.sum())
+        per_parameter[n] = count
+        total += count
+        elements += p.numel()
+    return DampenReport(per_parameter, total, elements)

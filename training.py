@@ -1,0 +1,134 @@
+"""One training loop, with the recipe as data; data loaders; batched prediction.
+
+Used by pretraining and by every unlearning method that trains (retrain, finetune, amnesiac, ...).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+# The SSD paper's pretraining schedules: (net, dataset) -> (epochs, milestones).
+PRETRAIN_SCHEDULES = {
+    ("resnet18", "cifar100"): (200, [60, 120, 160]),
+    ("resnet18", "cifar20"): (40, [15, 30, 35]),
+    ("resnet18", "cifar10"): (20, [8, 12, 16]),
+    ("vit", "cifar100"): (8, [7]),
+    ("vit", "cifar20"): (9, [8]),
+    ("vit", "cifar10"): (8, [7]),
+    # Not in the paper: small schedules for the offline datasets and the face folder.
+    ("resnet18", "faces"): (40, [15, 30, 35]),
+    ("vit", "faces"): (8, [7]),
+    ("resnet18", "digits"): (8, [5, 7]),
+    ("resnet18", "digits5"): (8, [5, 7]),
+    ("vit", "digits"): (15, [10, 13]),
+    ("vit", "digits5"): (15, [10, 13]),
+}
+
+
+@dataclass
+class Recipe:
+    """Everything that defines a training run except the data."""
+
+    epochs: int
+    lr: float = 0.1
+    optimizer: str = "sgd"  # "sgd" or "adam"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 64
+    warmup_epochs: int = 1  # linear warm-up over the first epoch's iterations, as in the paper's code
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.2
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def pretrain_recipe(net: str, dataset: str) -> Recipe:
+    epochs, milestones = PRETRAIN_SCHEDULES[(net, dataset)]
+    return Recipe(epochs=epochs, milestones=list(milestones))
+
+
+def loader(ds: Dataset, batch_size: int, device: torch.device, shuffle: bool = False, seed: int = 0,
+           workers: int | None = None) -> DataLoader:
+    """A DataLoader with workers and pinned memory on GPU; on a small CPU, workers only add overhead."""
+    if workers is None:
+        workers = min(8, (os.cpu_count() or 2) - 1) if device.type == "cuda" else 0
+    gen = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=workers,
+                      pin_memory=device.type == "cuda", persistent_workers=False)
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast when asked for; a no-op otherwise."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    if recipe.optimizer == "adam":
+        return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    raise ValueError(f"unknown optimizer {recipe.optimizer!r}")
+
+
+def train(model: nn.Module, ds: Dataset, recipe: Recipe, device: torch.device, seed: int = 0,
+          on_epoch_end=None, amp: bool = False, desc: str = "train") -> nn.Module:
+    """Train `model` on `ds` (items `(x, target, ...)`) with cross-entropy.
+
+    `on_epoch_end(epoch, model)` runs after each epoch, e.g. for validation and checkpoint selection.
+    """
+    model.to(device).train()
+    dl = loader(ds, recipe.batch_size, device, shuffle=True, seed=seed)
+    opt = make_optimizer(model, recipe)
+    warmup_iters = recipe.warmup_epochs * len(dl)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=recipe.milestones, gamma=recipe.gamma)
+    step = 0
+    for epoch in range(recipe.epochs):
+        model.train()
+        bar = tqdm(dl, desc=f"{desc} {epoch + 1}/{recipe.epochs}", leave=False, mininterval=2)
+        for x, y, *_ in bar:
+            if step < warmup_iters:  # linear warm-up, applied on top of the scheduled rate
+                for g in opt.param_groups:
+                    g["lr"] = recipe.lr * (step + 1) / warmup_iters
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast(device, amp):
+                loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        sched.step()
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, model)
+    return model.eval()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, ds: Dataset, device: torch.device, batch_size: int = 512, amp: bool = False,
+            desc: str = "eval") -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and targets of `ds`, in order, in one batched pass (float32 on the CPU)."""
+    model.to(device).eval()
+    logits, targets = [], []
+    if len(ds) == 0:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
+    for x, y, *_ in tqdm(loader(ds, batch_size, device), desc=desc, leave=False, mininterval=2):
+        with autocast(device, amp):
+            logits.append(model(x.to(device, non_blocking=True)).float().cpu())
+        targets.append(y)
+    return torch.cat(logits), torch.cat(targets)
+
+
+def accuracy(model: nn.Module, ds: Dataset, device: torch.device, batch_size: int = 512) -> float:
+    logits, y = predict(model, ds, device, batch_size)
+    return float((logits.argmax(1) == y).float().mean()) if len(y) else float("nan")
