@@ -11,6 +11,7 @@ import json
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -69,6 +70,42 @@ def build_parser(scenario: str, ssd_params: dict, description: str) -> argparse.
     a("--wandb", default="auto", choices=["auto", "online", "offline", "disabled"],
       help="wandb mode; auto is online when WANDB_API_KEY is set, else offline")
     a("--wandb-project", default=None, help="wandb project (default: <net>-<dataset>-<scenario>)")
+
+    # method hyperparameters (issue 3); defaults are the SSD paper code's unless a help says otherwise
+    a("--retrain-paper-lr", type=float, default=0.01,
+      help="retrain_paper: SGD learning rate (the paper code's fit_one_cycle default)")
+    a("--finetune-epochs", type=int, default=5, help="finetune: epochs on the retain set")
+    a("--finetune-lr", type=float, default=0.02, help="finetune: constant SGD learning rate")
+    a("--finetune-momentum", type=float, default=0.9, help="finetune: SGD momentum")
+    a("--finetune-weight-decay", type=float, default=5e-4, help="finetune: SGD weight decay")
+    a("--bt-epochs", type=int, default=1, help="bad_teacher: distillation epochs")
+    a("--bt-lr", type=float, default=1e-4, help="bad_teacher: Adam learning rate")
+    a("--bt-batch-size", type=int, default=256,
+      help="bad_teacher: batch size (the paper code lowered it to 128 for ViT to fit in memory)")
+    a("--bt-retain-fraction", type=float, default=0.3, help="bad_teacher: random fraction of D_r distilled from the original model")
+    a("--bt-temperature", type=float, default=1.0, help="bad_teacher: KL temperature")
+    a("--amnesiac-epochs", type=int, default=3, help="amnesiac: epochs on relabelled D_f plus D_r")
+    a("--amnesiac-lr", type=float, default=1e-4, help="amnesiac: Adam learning rate")
+    a("--amnesiac-batch-size", type=int, default=128, help="amnesiac: batch size")
+    a("--unsir-noise-steps", type=int, default=250 if scenario == "sub_class" else 25,
+      help="unsir: Adam steps that learn the noise (paper code: 25 full class, 250 sub-class; random, which "
+           "the original lacks, takes 25)")
+    a("--unsir-noise-lr", type=float, default=0.1, help="unsir: Adam learning rate of the noise")
+    a("--unsir-noise-l2", type=float, default=0.1, help="unsir: weight of the noise's mean squared L2 norm")
+    a("--unsir-noise-batch", type=int, default=32,
+      help="unsir: noise images per noise target. Targets: the forgotten class (full class), the forgotten fine "
+           "class's superclass (sub-class); for random forgetting, which the original does not define, every "
+           "target among the forgotten samples gets its own noise, so nearly every class is impaired and repaired")
+    a("--unsir-noise-copies", type=int, default=80, help="unsir: times each noise image appears in the impair epoch")
+    a("--unsir-retain-per-class", type=int, default=500,
+      help="unsir: first samples of each target of D_r used to impair and repair")
+    a("--unsir-optimizer", default="sgd", choices=["sgd", "adam"],
+      help="unsir: optimizer of impair and repair (the paper code used adam at 1e-4; UNSIR's notebook adam at 0.02/0.01)")
+    a("--unsir-momentum", type=float, default=0.9, help="unsir: SGD momentum (ignored by adam)")
+    a("--unsir-lr", type=float, default=0.02, help="unsir: impair learning rate (UNSIR paper)")
+    a("--unsir-batch-size", type=int, default=32, help="unsir: impair batch size")
+    a("--unsir-repair-lr", type=float, default=0.01, help="unsir: repair learning rate (UNSIR paper)")
+    a("--unsir-repair-batch-size", type=int, default=128, help="unsir: repair batch size")
     return p
 
 
@@ -139,7 +176,25 @@ def check_meta(meta: dict, args, data: datasets.Data) -> None:
                         f"(the data changed since pretraining; re-run pretrain_model.py)")
 
 
-def run(scenario: str, ssd_params: dict, argv: list[str] | None = None, description: str = "") -> dict | None:
+@dataclass
+class Plan:
+    """Everything about a run that is known before it runs, including its results key."""
+
+    scenario: str
+    args: argparse.Namespace
+    meta: dict
+    weights: Path
+    data: datasets.Data
+    splits: datasets.Splits
+    config: dict
+    key: str
+
+
+def plan(scenario: str, ssd_params: dict, argv: list[str] | None = None, description: str = "",
+         data_cache: dict | None = None) -> Plan:
+    """Parse flags, find the checkpoint, build the split and the run's key. Nothing is trained.
+
+    `data_cache` lets a driver plan many runs while loading each dataset once."""
     args = build_parser(scenario, ssd_params, description).parse_args(argv)
     default_alpha, default_lam = ssd_defaults(ssd_params, args.net, args.dataset)
     args.alpha = default_alpha if args.alpha is None else args.alpha
@@ -149,36 +204,44 @@ def run(scenario: str, ssd_params: dict, argv: list[str] | None = None, descript
                         f"(pass non-negative --alpha and --lambda)")
     if args.model_seed is None:
         args.model_seed = args.seed
-    seed_everything(args.seed)
-    device = resolve_device(args.device)
-
     weights = Path(args.weights) if args.weights else find_checkpoint(args.checkpoint_dir, args.net, args.dataset,
                                                                      args.model_seed)
     if weights.is_dir():
         weights = weights / "model.pt"
     meta = load_meta(weights)
-    data = datasets.build_data(args.dataset, args.data_dir, image_size=meta["model_spec"]["image_size"],
-                               vit=args.net == "vit", val_fraction=meta.get("val_fraction", 0.1),
-                               split_seed=meta.get("split_seed", 0), download=not args.no_download)
+    data_args = (args.dataset, args.data_dir, meta["model_spec"]["image_size"], args.net == "vit",
+                 meta.get("val_fraction", 0.1), meta.get("split_seed", 0))
+    data = (data_cache or {}).get(data_args)
+    if data is None:
+        data = datasets.build_data(*data_args[:2], image_size=data_args[2], vit=data_args[3],
+                                   val_fraction=data_args[4], split_seed=data_args[5], download=not args.no_download)
+        if data_cache is not None:
+            data_cache[data_args] = data
     check_meta(meta, args, data)
     splits = datasets.build_splits(scenario, data, getattr(args, "forget_class", None), seed=args.seed,
                                    forget_count=getattr(args, "forget_count", None),
                                    forget_fraction=getattr(args, "forget_fraction", None))
+    config = {"scenario": scenario, **vars(args), "forget_class": _forget_name(splits, args),
+              "checkpoint_sha256": meta.get("sha256"), "model_spec": meta["model_spec"],
+              "split_hash": splits.hash(), "recipe": meta["recipe"]}
+    return Plan(scenario, args, meta, weights, data, splits, config, results.run_key(config))
 
-    config = {"scenario": scenario, **{k: v for k, v in vars(args).items()},
-              "forget_class": _forget_name(splits, args), "checkpoint_sha256": meta.get("sha256"),
-              "model_spec": meta["model_spec"], "split_hash": splits.hash(), "recipe": meta["recipe"]}
-    key = results.run_key(config)
-    if not args.force and key in results.done_keys(args.results):
-        print(f"skip: {scenario} {args.method} seed {args.seed} is already in {args.results} (key {key}; --force reruns)")
+
+def run(scenario: str, ssd_params: dict, argv: list[str] | None = None, description: str = "") -> dict | None:
+    """Plan, skip if already done or running elsewhere, else run, evaluate and record. Returns the record."""
+    p = plan(scenario, ssd_params, argv, description)
+    args = p.args
+    what = f"{scenario} {args.method} seed {args.seed} (key {p.key})"
+    if not args.force and p.key in results.done_keys(args.results):
+        print(f"skip: {what} is already in {args.results} (--force reruns it)")
         return None
-    with results.claim(args.results, key) as mine:
+    with results.claim(args.results, p.key) as mine:
         if not mine:
-            print(f"skip: {scenario} {args.method} seed {args.seed} is running in another process (key {key})")
+            print(f"skip: {what} is running in another process")
             return None
-        if not args.force and key in results.done_keys(args.results):  # finished while we waited
+        if not args.force and p.key in results.done_keys(args.results):  # finished while we planned
             return None
-        return _run_claimed(args, scenario, meta, weights, data, splits, config, key, device)
+        return _run_claimed(p)
 
 
 def _forget_name(splits: datasets.Splits, args) -> str | None:
@@ -189,7 +252,10 @@ def _forget_name(splits: datasets.Splits, args) -> str | None:
     return None
 
 
-def _run_claimed(args, scenario, meta, weights, data, splits, config, key, device) -> dict:
+def _run_claimed(p: Plan) -> dict:
+    args, scenario, meta, weights, splits, config, key = p.args, p.scenario, p.meta, p.weights, p.splits, p.config, p.key
+    seed_everything(args.seed)
+    device = resolve_device(args.device)
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     model = load_model(weights, meta).to(device)
     cfg = argparse.Namespace(**{**vars(args), "device": device}, model_spec=meta["model_spec"],

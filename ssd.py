@@ -95,3 +95,42 @@ def dampen(model: nn.Module, imp_full: Importances, imp_forget: Importances, alp
         total += count
         elements += p.numel()
     return DampenReport(per_parameter, total, elements)
+
+
+def importance_per_sample(model: nn.Module, dl: DataLoader, device: torch.device, amp: bool = False,
+                          desc: str = "importance", chunk_size: int | None = None) -> Importances:
+    """Mean over samples of the squared per-sample gradient of the cross-entropy.
+
+    This is the textbook diagonal empirical Fisher. `importance` squares the gradient of each
+    batch-mean loss instead, which mixes the samples of a batch (cross terms), so its value depends
+    on the batch size and on which samples share a batch; this one depends on neither, up to float
+    rounding. Per-sample gradients come from torch.func (vmap over grad), not a Python loop, and
+    need eval mode: batch norm then uses its running statistics, so every sample's loss is its own.
+    `chunk_size` bounds how many per-sample gradients vmap holds at once (memory, not the result).
+    """
+    from torch.func import functional_call, grad, vmap
+
+    model.to(device).eval()
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    fixed = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+    fixed.update(dict(model.named_buffers()))
+
+    def sample_loss(p: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(model, (p, fixed), (x.unsqueeze(0),))
+        # at least float32 for the loss (bf16 logits under autocast), float64 stays float64
+        return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), y.unsqueeze(0))
+
+    per_sample_grads = vmap(grad(sample_loss), in_dims=(None, 0, 0), chunk_size=chunk_size)
+    # float64 sums, so that regrouping the samples into other batches changes nothing visible
+    total = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
+    count = 0
+    for x, y, *_ in tqdm(dl, desc=desc, leave=False, mininterval=2):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device, amp):
+            grads = per_sample_grads(params, x, y)
+        for n, g in grads.items():
+            total[n] += g.pow(2).sum(dim=0)
+        count += len(y)
+    if count == 0:
+        raise UserError("cannot compute importances on an empty dataset (the forget set has no samples)")
+    return {n: (t / count).float() for n, t in total.items()}

@@ -1,0 +1,70 @@
+"""Shared fixtures: generated CIFAR-format files and a tiny pretrained digits model. Nothing is downloaded."""
+import os
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import datasets  # noqa: E402
+
+
+def write_cifar(root: Path, which: str, per_class_train: int, per_class_test: int, seed: int = 0) -> Path:
+    """Random images in torchvision's on-disk CIFAR layout (python pickles), `per_class_*` per fine class."""
+    rng = np.random.default_rng(seed)
+
+    def batch(per_class, n_classes):
+        labels = np.repeat(np.arange(n_classes), per_class)
+        rng.shuffle(labels)
+        data = rng.integers(0, 256, size=(len(labels), 3072), dtype=np.uint8)
+        return data, labels.tolist()
+
+    if which == "cifar10":
+        folder = root / "cifar-10-batches-py"
+        folder.mkdir(parents=True, exist_ok=True)
+        data, labels = batch(per_class_train, 10)
+        for i, part in enumerate(np.array_split(np.arange(len(labels)), 5), 1):
+            with open(folder / f"data_batch_{i}", "wb") as f:
+                pickle.dump({"data": data[part], "labels": [labels[j] for j in part]}, f)
+        data, labels = batch(per_class_test, 10)
+        with open(folder / "test_batch", "wb") as f:
+            pickle.dump({"data": data, "labels": labels}, f)
+        with open(folder / "batches.meta", "wb") as f:
+            pickle.dump({"label_names": datasets.CIFAR10_CLASSES}, f)
+    else:
+        folder = root / "cifar-100-python"
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, per_class in (("train", per_class_train), ("test", per_class_test)):
+            data, labels = batch(per_class, 100)
+            coarse = datasets.CIFAR100_TO_20[labels].tolist()
+            with open(folder / name, "wb") as f:
+                pickle.dump({"data": data, "fine_labels": labels, "coarse_labels": coarse}, f)
+        with open(folder / "meta", "wb") as f:
+            pickle.dump({"fine_label_names": datasets.CIFAR100_CLASSES,
+                         "coarse_label_names": datasets.CIFAR20_CLASSES}, f)
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar(root, "cifar10", per_class_train=20, per_class_test=5)
+    write_cifar(root, "cifar100", per_class_train=10, per_class_test=4)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A width-4 ResNet18 trained for two epochs on 16x16 digits: enough to run every code path."""
+    import pretrain_model
+
+    ckpt_dir = tmp_path_factory.mktemp("ckpt")
+    return pretrain_model.main(["--dataset", "digits", "--width", "4", "--image-size", "16", "--epochs", "2",
+                                "--milestones", "1", "--seed", "0", "--checkpoint-dir", str(ckpt_dir),
+                                "--device", "cpu"])
