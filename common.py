@@ -9,7 +9,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 
 class UserError(Exception):
@@ -17,6 +16,8 @@ class UserError(Exception):
 
 
 def seed_everything(seed: int) -> None:
+    import torch
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -47,6 +48,8 @@ def atomic_write_json(path: str | Path, obj) -> None:
 def atomic_torch_save(obj, path: str | Path) -> None:
     import io
 
+    import torch
+
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
@@ -65,7 +68,9 @@ def array_sha256(arr) -> str:
     return hashlib.sha256(np.ascontiguousarray(np.asarray(arr, dtype=np.int64)).tobytes()).hexdigest()[:16]
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str):
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -75,6 +80,7 @@ def resolve_device(name: str) -> torch.device:
 
 def library_versions() -> dict:
     import sklearn
+    import torch
     import torchvision
     import transformers
 

@@ -87,7 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "paper on GPUs; env SUITE)")
     p.add_argument("--table", action="append", default=env("TABLE", "").split() or None,
                    help=f"run only these tables (repeatable; env TABLE): {', '.join(TABLES)}")
-    p.add_argument("--seeds", default=env("SEEDS"), help="seeds, e.g. '1 2 3' (default: 1..5; quick: 1 2; env SEEDS)")
+    p.add_argument("--seeds", default=env("SEEDS"), help="seeds, e.g. '1 2 3' (default: 1..5; the quick digits tables: 1 2; env SEEDS)")
     p.add_argument("--methods", default=env("METHODS"), help=f"methods (default: all: {' '.join(ALL_METHODS)}; env METHODS)")
     p.add_argument("--classes", default=env("CLASSES"), help="forget classes, overriding each table's (env CLASSES)")
     p.add_argument("--results", default=env("RESULTS", "runs/results.jsonl"), help="results file (env RESULTS)")
@@ -99,15 +99,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-tables", action="store_true", help="do not print the tables at the end")
     p.add_argument("--extra", default=env("EXTRA", ""), help="extra flags for every forget run, e.g. '--wandb disabled'")
     args = p.parse_args(argv)
+    unknown = [t for t in args.table or [] if t not in TABLES]
+    if unknown:
+        raise UserError(f"unknown table {', '.join(unknown)} (choose from {', '.join(TABLES)})")
     args.slots = [d.strip() for d in args.devices.split(",") if d.strip()]
     on_cpu = all(s == "cpu" for s in args.slots)
     args.suite = args.suite or ("quick" if on_cpu else "paper")
-    args.seeds = [int(s) for s in (args.seeds or ("1 2" if args.suite == "quick" else "1 2 3 4 5")).replace(",", " ").split()]
+    quick = args.table is None and args.suite == "quick" or args.table and all(t in QUICK_TABLES for t in args.table)
+    args.seeds = [int(s) for s in (args.seeds or ("1 2" if quick else "1 2 3 4 5")).replace(",", " ").split()]
     args.methods = (args.methods or " ".join(ALL_METHODS)).replace(",", " ").split()
-    if args.table:
-        unknown = [t for t in args.table if t not in TABLES]
-        if unknown:
-            raise UserError(f"unknown table {', '.join(unknown)} (choose from {', '.join(TABLES)})")
     return args
 
 
