@@ -82,7 +82,8 @@ def build_parser(scenario: str, ssd_params: dict, description: str) -> argparse.
     a("--bt-lr", type=float, default=1e-4, help="bad_teacher: Adam learning rate")
     a("--bt-batch-size", type=int, default=256,
       help="bad_teacher: batch size (the paper code lowered it to 128 for ViT to fit in memory)")
-    a("--bt-retain-fraction", type=float, default=0.3, help="bad_teacher: random fraction of D_r distilled from the original model")
+    a("--bt-retain-fraction", type=float, default=0.3,
+      help="bad_teacher: random fraction of D_r distilled from the original model")
     a("--bt-temperature", type=float, default=1.0, help="bad_teacher: KL temperature")
     a("--amnesiac-epochs", type=int, default=3, help="amnesiac: epochs on relabelled D_f plus D_r")
     a("--amnesiac-lr", type=float, default=1e-4, help="amnesiac: Adam learning rate")
@@ -100,7 +101,8 @@ def build_parser(scenario: str, ssd_params: dict, description: str) -> argparse.
     a("--unsir-retain-per-class", type=int, default=500,
       help="unsir: first samples of each target of D_r used to impair and repair")
     a("--unsir-optimizer", default="sgd", choices=["sgd", "adam"],
-      help="unsir: optimizer of impair and repair (the paper code used adam at 1e-4; UNSIR's notebook adam at 0.02/0.01)")
+      help="unsir: optimizer of impair and repair (the SSD paper's code used adam at 1e-4 for both; "
+           "UNSIR's own notebook adam at 0.02 and 0.01)")
     a("--unsir-momentum", type=float, default=0.9, help="unsir: SGD momentum (ignored by adam)")
     a("--unsir-lr", type=float, default=0.02, help="unsir: impair learning rate (UNSIR paper)")
     a("--unsir-batch-size", type=int, default=32, help="unsir: impair batch size")
