@@ -334,5 +334,10 @@ def ssd_per_sample(model: nn.Module, splits: Splits, cfg: Namespace):
     Why this variant exists: the paper's estimate squares the gradient of each batch-mean loss, which
     adds cross terms between the samples of a batch, so I_D and I_Df (and what gets dampened) change
     with the batch size and with which samples share a batch; this one does not. With batches of one
-    sample the two are the same."""
+    sample the two are the same.
+
+    Alpha needs its own tuning: D_f is part of D and every per-sample term is non-negative, so
+    I_Df / I_D <= |D| / |D_f| (about 10 when a tenth of the data is forgotten, e.g. one class of
+    CIFAR-10), and an alpha at or above that bound selects nothing. The batch-mean estimate has no
+    such bound, because gradients of mixed batches of D cancel and shrink I_D."""
     return _ssd(model, splits, cfg, "ssd_per_sample")
