@@ -25,8 +25,8 @@ PRETRAIN_SCHEDULES = {
     # Not in the paper: small schedules for the offline datasets and the face folder.
     ("resnet18", "faces"): (40, [15, 30, 35]),
     ("vit", "faces"): (8, [7]),
-    ("resnet18", "digits"): (8, [5, 7]),
-    ("resnet18", "digits5"): (8, [5, 7]),
+    ("resnet18", "digits"): (5, [3, 4]),
+    ("resnet18", "digits5"): (5, [3, 4]),
     ("vit", "digits"): (15, [10, 13]),
     ("vit", "digits5"): (15, [10, 13]),
 }
