@@ -65,7 +65,7 @@ def build_parser(scenario: str, ssd_params: dict, description: str) -> argparse.
     a("--importance-cache", default="runs/importance_cache", help="folder of cached full-data importances")
     a("--no-importance-cache", dest="importance_cache", action="store_const", const="",
       help="always recompute SSD's importance on the full training set")
-    a("--retrain-epochs", type=int, default=None, help="shorten retrain's schedule (default: the pretraining epochs)")
+    a("--retrain-epochs", type=int, default=None, help="shorten the schedule of retrain and retrain_paper (default: the pretraining epochs)")
     a("--amp", action="store_true", help="bf16 autocast in importances, training and evaluation")
     a("--wandb", default="auto", choices=["auto", "online", "offline", "disabled"],
       help="wandb mode; auto is online when WANDB_API_KEY is set, else offline")
