@@ -20,7 +20,7 @@ import models
 import training
 from torch.utils.data import Subset
 from common import (UserError, atomic_torch_save, atomic_write_json, file_sha256, git_commit, library_versions,
-                    resolve_device, seed_everything)
+                    make_deterministic, resolve_device, seed_everything)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--no-download", action="store_true", help="never try to download a missing dataset")
     a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     a("--amp", action="store_true", help="bf16 autocast while training and evaluating")
+    a("--deterministic", action="store_true",
+      help="deterministic kernels (cuDNN, cuBLAS, torch's deterministic mode): GPU reruns repeat bit for bit, "
+           "more slowly; ops without a deterministic kernel warn")
     return p.parse_args(argv)
 
 
@@ -63,6 +66,8 @@ def main(argv=None) -> Path:
     if (out / "meta.json").exists() and (out / "model.pt").exists() and not args.force:
         print(f"{out} already holds a checkpoint; nothing to do (--force retrains)")
         return out
+    if args.deterministic:
+        make_deterministic()
     seed_everything(args.seed)
     device = resolve_device(args.device)
     pretrained = args.net == "vit" and args.vit_config == "base" and not args.no_pretrained
@@ -105,7 +110,8 @@ def main(argv=None) -> Path:
             "val_fraction": val_fraction, "split_seed": args.split_seed, "split_hash": data.split_hash(),
             "selected_on": select_name, "best_epoch": best["epoch"], "val_acc": None if args.select_on_test else best["acc"],
             "test_acc": test_acc, "train_s": train_s, "sha256": file_sha256(out / "model.pt"),
-            "versions": library_versions(), "git": git_commit(), "device": str(device)}
+            "versions": library_versions(), "git": git_commit(), "device": str(device),
+            "deterministic": args.deterministic}
     atomic_write_json(out / "meta.json", meta)
     print(f"saved {out}/model.pt: epoch {best['epoch']}, {select_name} {best['acc']:.2f}%, test {test_acc:.2f}%, "
           f"{train_s:.0f}s")

@@ -21,7 +21,8 @@ import methods
 import metrics
 import models
 import results
-from common import UserError, file_sha256, git_commit, library_versions, resolve_device, seed_everything
+from common import (UserError, file_sha256, git_commit, library_versions, make_deterministic, resolve_device,
+                    seed_everything)
 
 DEFAULT_DATASET = {"full_class": "digits", "sub_class": "digits5", "random": "digits"}
 
@@ -67,6 +68,9 @@ def build_parser(scenario: str, ssd_params: dict, description: str) -> argparse.
       help="always recompute SSD's importance on the full training set")
     a("--retrain-epochs", type=int, default=None, help="shorten the schedule of retrain and retrain_paper (default: the pretraining epochs)")
     a("--amp", action="store_true", help="bf16 autocast in importances, training and evaluation")
+    a("--deterministic", action="store_true",
+      help="deterministic kernels (cuDNN, cuBLAS, torch's deterministic mode): GPU reruns repeat bit for bit, "
+           "more slowly; ops without a deterministic kernel warn")
     a("--wandb", default="auto", choices=["auto", "online", "offline", "disabled"],
       help="wandb mode; auto is online when WANDB_API_KEY is set, else offline")
     a("--wandb-project", default=None, help="wandb project (default: <net>-<dataset>-<scenario>)")
@@ -226,7 +230,9 @@ def plan(scenario: str, ssd_params: dict, argv: list[str] | None = None, descrip
     config = {"scenario": scenario, **vars(args), "forget_class": _forget_name(splits, args),
               "checkpoint_sha256": meta.get("sha256"), "model_spec": meta["model_spec"],
               "split_hash": splits.hash(), "recipe": meta["recipe"]}
-    return Plan(scenario, args, meta, weights, data, splits, config, results.run_key(config))
+    # --deterministic picks kernels, not what is computed (like --device), so it stays out of the key
+    key = results.run_key({k: v for k, v in config.items() if k != "deterministic"})
+    return Plan(scenario, args, meta, weights, data, splits, config, key)
 
 
 def run(scenario: str, ssd_params: dict, argv: list[str] | None = None, description: str = "") -> dict | None:
@@ -256,6 +262,8 @@ def _forget_name(splits: datasets.Splits, args) -> str | None:
 
 def _run_claimed(p: Plan) -> dict:
     args, scenario, meta, weights, splits, config, key = p.args, p.scenario, p.meta, p.weights, p.splits, p.config, p.key
+    if args.deterministic:
+        make_deterministic()
     seed_everything(args.seed)
     device = resolve_device(args.device)
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
