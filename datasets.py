@@ -281,6 +281,7 @@ class Splits:
     retain_test_idx: np.ndarray
     df_split: str  # whose accuracy is reported as Df: "forget_test" (class scenarios) or "forget_train"
     forget_classes: list[int]  # the targets that were forgotten as a whole (full class only)
+    retain_val_idx: np.ndarray  # validation images outside the forget rule, for retrain's checkpoint selection
 
     def _sub(self, ds, idx) -> Subset:
         return Subset(ds, idx.tolist())
@@ -296,6 +297,10 @@ class Splits:
     @property
     def retain_train_aug(self) -> Subset:
         return self._sub(self.data.train_aug, self.retain_idx)
+
+    @property
+    def retain_val(self) -> Subset:
+        return self._sub(self.data.train, self.retain_val_idx)
 
     @property
     def full_train(self) -> Subset:
@@ -332,6 +337,7 @@ def build_splits(scenario: str, data: Data, forget_class: str | None = None, see
             raise UserError("full-class forgetting needs --forget-class")
         c = resolve_class(forget_class, data.classes)
         in_train = data.train.targets[pool] == c
+        in_val = data.train.targets[data.val_idx] == c
         in_test = data.test.targets == c
         forget_classes, df_split = [c], "forget_test"
     elif scenario == "sub_class":
@@ -342,6 +348,7 @@ def build_splits(scenario: str, data: Data, forget_class: str | None = None, see
                             f"{data.name!r} (use --dataset cifar20 or --dataset digits5)")
         c = resolve_class(forget_class, data.fine_classes, "sub-class")
         in_train = data.train.fine[pool] == c
+        in_val = data.train.fine[data.val_idx] == c
         in_test = data.test.fine == c
         forget_classes, df_split = [], "forget_test"
     elif scenario == "random":
@@ -357,6 +364,7 @@ def build_splits(scenario: str, data: Data, forget_class: str | None = None, see
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
         in_train = np.zeros(n, dtype=bool)
         in_train[order[:count]] = True
+        in_val = np.zeros(len(data.val_idx), dtype=bool)  # validation images were never trained on
         in_test = np.zeros(len(test_all), dtype=bool)
         forget_classes, df_split = [], "forget_train"
     else:
@@ -367,7 +375,7 @@ def build_splits(scenario: str, data: Data, forget_class: str | None = None, see
         raise UserError(f"the forget set is empty: class {forget_class!r} has no training samples in "
                         f"{data.name} (pick a class that the data contains)")
     return Splits(data, scenario, forget_idx, retain_idx, test_all[in_test], test_all[~in_test], df_split,
-                  forget_classes)
+                  forget_classes, data.val_idx[~in_val])
 
 
 def random_split_count(n: int, fraction: float) -> int:

@@ -26,7 +26,7 @@ import models
 import ssd as ssd_lib
 from common import UserError, atomic_torch_save
 from datasets import Splits
-from training import Recipe, autocast, loader, train
+from training import Recipe, autocast, loader, train, train_and_select
 
 REGISTRY = {}
 
@@ -45,11 +45,13 @@ def baseline(model: nn.Module, splits: Splits, cfg: Namespace):
 @register
 def retrain(model: nn.Module, splits: Splits, cfg: Namespace):
     """The gold standard: every parameter back to its initial value, then the pretraining recipe on
-    the retain set. 'Initial' is random for ResNet and the ImageNet weights for a pretrained ViT."""
+    the retain set, with the epoch selected on the retain part of the validation split, as the
+    original model was. 'Initial' is random for ResNet and the ImageNet weights for a pretrained ViT."""
     models.reinitialise_(model, cfg.model_spec, cfg.pretrained, seed=cfg.seed + 1)
     recipe = _retrain_recipe(cfg)
-    train(model, splits.retain_train_aug, recipe, cfg.device, seed=cfg.seed, amp=cfg.amp, desc="retrain")
-    return model, {"retrain_epochs": recipe.epochs}
+    model, info = train_and_select(model, splits.retain_train_aug, recipe, cfg.device, splits.retain_val,
+                                   seed=cfg.seed, amp=cfg.amp, desc="retrain")
+    return model, {"retrain_epochs": recipe.epochs, **info}
 
 
 def _retrain_recipe(cfg: Namespace, **overrides) -> Recipe:

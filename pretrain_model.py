@@ -10,7 +10,6 @@ from the training set; the paper's code selected on the test set (--select-on-te
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from pathlib import Path
@@ -87,33 +86,26 @@ def main(argv=None) -> Path:
     train_set = Subset(data.train_aug, data.train_idx.tolist())
     select_set = data.test if args.select_on_test else Subset(data.train, data.val_idx.tolist())
     select_name = "test" if args.select_on_test else "validation"
-    best = {"acc": -1.0, "epoch": -1, "state": None}
-
-    def select(epoch, m):
-        acc = 100 * training.accuracy(m, select_set, device)
-        if acc > best["acc"]:
-            best.update(acc=acc, epoch=epoch + 1, state=copy.deepcopy(m.state_dict()))
-        print(f"epoch {epoch + 1}/{recipe.epochs}: {select_name} accuracy {acc:.2f}% (best {best['acc']:.2f}%)")
-
     print(f"pretraining {args.net} ({models.count_parameters(model):,} parameters) on {args.dataset}: "
           f"{len(train_set)} train, {len(data.val_idx)} validation, {len(data.test)} test images, {device}")
     t0 = time.perf_counter()
-    training.train(model, train_set, recipe, device, seed=args.seed, on_epoch_end=select, amp=args.amp,
-                   desc="pretrain")
+    model, best = training.train_and_select(model, train_set, recipe, device, select_set, seed=args.seed,
+                                            amp=args.amp, desc="pretrain")
     train_s = time.perf_counter() - t0
-    model.load_state_dict(best["state"])
     test_acc = 100 * training.accuracy(model, data.test, device)
 
     atomic_torch_save({k: v.cpu() for k, v in model.state_dict().items()}, out / "model.pt")
     meta = {"net": args.net, "dataset": args.dataset, "seed": args.seed, "model_spec": spec, "pretrained": pretrained,
             "classes": data.classes, "image_size": image_size, "recipe": recipe.as_dict(),
             "val_fraction": val_fraction, "split_seed": args.split_seed, "split_hash": data.split_hash(),
-            "selected_on": select_name, "best_epoch": best["epoch"], "val_acc": None if args.select_on_test else best["acc"],
+            "selected_on": select_name, "best_epoch": best["best_epoch"],
+            "val_acc": None if args.select_on_test else best["selection_acc"],
             "test_acc": test_acc, "train_s": train_s, "sha256": file_sha256(out / "model.pt"),
             "versions": library_versions(), "git": git_commit(), "device": str(device),
             "deterministic": args.deterministic}
     atomic_write_json(out / "meta.json", meta)
-    print(f"saved {out}/model.pt: epoch {best['epoch']}, {select_name} {best['acc']:.2f}%, test {test_acc:.2f}%, "
+    print(f"saved {out}/model.pt: epoch {best['best_epoch']}, {select_name} {best['selection_acc']:.2f}%, "
+          f"test {test_acc:.2f}%, "
           f"{train_s:.0f}s")
     return out
 

@@ -114,6 +114,27 @@ def train(model: nn.Module, ds: Dataset, recipe: Recipe, device: torch.device, s
     return model.eval()
 
 
+def train_and_select(model: nn.Module, ds: Dataset, recipe: Recipe, device: torch.device, select_on: Dataset | None,
+                     seed: int = 0, amp: bool = False, desc: str = "train") -> tuple[nn.Module, dict]:
+    """`train`, then keep the epoch with the best accuracy on `select_on` (the last epoch if it is empty).
+
+    Pretraining selects the original model this way, so retrain must too: on a few thousand images a
+    last-epoch model can be far worse than the best one."""
+    best = {"acc": None, "epoch": recipe.epochs, "state": None}
+
+    def select(epoch: int, m: nn.Module) -> None:
+        acc = 100 * accuracy(m, select_on, device)
+        if best["acc"] is None or acc > best["acc"]:
+            best.update(acc=acc, epoch=epoch + 1, state={k: v.detach().clone() for k, v in m.state_dict().items()})
+        tqdm.write(f"{desc} epoch {epoch + 1}/{recipe.epochs}: selection accuracy {acc:.2f}% (best {best['acc']:.2f}%)")
+
+    has_selection = select_on is not None and len(select_on) > 0
+    train(model, ds, recipe, device, seed=seed, on_epoch_end=select if has_selection else None, amp=amp, desc=desc)
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+    return model.eval(), {"best_epoch": best["epoch"], "selection_acc": best["acc"]}
+
+
 @torch.no_grad()
 def predict(model: nn.Module, ds: Dataset, device: torch.device, batch_size: int = 512, amp: bool = False,
             desc: str = "eval") -> tuple[torch.Tensor, torch.Tensor]:
