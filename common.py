@@ -112,3 +112,18 @@ def git_commit() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def run_cli(main, *args) -> None:
+    """Run a script's main: a UserError becomes `error: ...` and exit status 2, never a traceback."""
+    import sys
+
+    try:
+        code = main(*args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; results and checkpoints hold only completed work", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -25,7 +25,7 @@ from pathlib import Path
 import methods
 import results
 import runner
-from common import UserError
+from common import UserError, run_cli
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = {"full_class": "forget_full_class_main.py", "sub_class": "forget_sub_class_main.py",
@@ -255,8 +255,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

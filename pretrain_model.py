@@ -10,7 +10,6 @@ from the training set; the paper's code selected on the test set (--select-on-te
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import datasets
 import models
 import training
 from torch.utils.data import Subset
-from common import (UserError, atomic_torch_save, atomic_write_json, file_sha256, git_commit, library_versions,
+from common import (UserError, run_cli, atomic_torch_save, atomic_write_json, file_sha256, git_commit, library_versions,
                     make_deterministic, resolve_device, seed_everything)
 
 
@@ -111,8 +110,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

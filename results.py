@@ -19,7 +19,8 @@ from common import atomic_write_bytes
 
 # Config fields that do not change a run's result, and so stay out of its key.
 NOT_IN_KEY = {"device", "results", "data_dir", "wandb", "wandb_project", "importance_cache", "force",
-              "checkpoint_dir", "workers", "weights", "eval_batch_size", "no_download"}
+              "checkpoint_dir", "workers", "weights", "eval_batch_size", "no_download",
+              "deterministic"}  # --deterministic picks kernels, like --device, not what is computed
 
 
 def run_key(config: dict) -> str:

@@ -21,7 +21,7 @@ import methods
 import metrics
 import models
 import results
-from common import (UserError, file_sha256, git_commit, library_versions, make_deterministic, resolve_device,
+from common import (UserError, run_cli, file_sha256, git_commit, library_versions, make_deterministic, resolve_device,
                     seed_everything)
 
 DEFAULT_DATASET = {"full_class": "digits", "sub_class": "digits5", "random": "digits"}
@@ -230,8 +230,7 @@ def plan(scenario: str, ssd_params: dict, argv: list[str] | None = None, descrip
     config = {"scenario": scenario, **vars(args), "forget_class": _forget_name(splits, args),
               "checkpoint_sha256": meta.get("sha256"), "model_spec": meta["model_spec"],
               "split_hash": splits.hash(), "recipe": meta["recipe"]}
-    # --deterministic picks kernels, not what is computed (like --device), so it stays out of the key
-    key = results.run_key({k: v for k, v in config.items() if k != "deterministic"})
+    key = results.run_key(config)
     return Plan(scenario, args, meta, weights, data, splits, config, key)
 
 
@@ -316,11 +315,4 @@ def _sync(device: torch.device) -> None:
 
 
 def main(scenario: str, ssd_params: dict, description: str) -> None:
-    try:
-        run(scenario, ssd_params, description=description)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted; the results file holds only completed runs", file=sys.stderr)
-        sys.exit(130)
+    run_cli(lambda: run(scenario, ssd_params, description=description) and None)

@@ -1,9 +1,7 @@
 """The driver and the results file: run keys, resume, locking, fan-out, command printing."""
-import json
 import multiprocessing as mp
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import experiments
