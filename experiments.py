@@ -152,9 +152,12 @@ def pretrain_commands(args, tables: dict[str, Table]) -> list[list[str]]:
     return cmds
 
 
-def device_env(slot: str) -> tuple[dict, list[str]]:
+def device_env(slot: str, cpu_slots: int = 1) -> tuple[dict, list[str]]:
     env = dict(os.environ)
     if slot == "cpu":
+        # CPU slots share the cores: without a thread cap, two runs of two threads each on two cores
+        # spin against each other and run many times slower than one after the other
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cpu_slots)))
         return env, ["--device", "cpu"]
     env["CUDA_VISIBLE_DEVICES"] = slot
     return env, ["--device", "cuda"]
@@ -191,7 +194,7 @@ def execute(args, commands: list[tuple[str, list[str]]]) -> list[tuple[str, str,
     Path(args.logs).mkdir(parents=True, exist_ok=True)
 
     def worker(slot: str):
-        env, device_flags = device_env(slot)
+        env, device_flags = device_env(slot, args.slots.count("cpu"))
         while True:
             try:
                 label, cmd = jobs.get_nowait()
