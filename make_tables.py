@@ -31,7 +31,7 @@ SHORT_SCENARIO = {"full_class": "full", "sub_class": "sub", "random": "random"}
 SHORT_NET = {"resnet18": "resnet", "vit": "vit"}
 METHOD_ORDER = ["baseline", "retrain", "retrain_paper", "finetune", "bad_teacher", "amnesiac", "unsir",
                 "ssd", "lfssd", "ssd_per_sample"]
-COLUMNS = {"df": "Df", "retain_test_acc": "Dr", "mia": "MIA", "method_s": "Time (s)"}
+COLUMNS = {"df": "Df", "retain_test_acc": "Dr", "test_acc": "Test", "mia": "MIA", "method_s": "Time (s)"}
 MARKED = ("df", "retain_test_acc", "mia")  # time is not meant to match retrain: being faster is the point
 MARK = "*"
 STD_FLOOR = 0.5
@@ -210,7 +210,7 @@ def notes(table: Table, std_floor: float = STD_FLOOR) -> list[str]:
              "a single run's std counts as 0." if any(r.method == "retrain" for r in table.rows)
              else "no retrain row, so nothing is marked.",
              f"mean ± sample std (ddof=1) over seeds{' and forget classes (n = seeds x classes)' if pooled else ''}; "
-             "Df, Dr (retain-test acc.) and MIA in %; time = method time in s."]
+             "Df, Dr (retain-test acc.), Test (whole test set) and MIA in %; time = method time in s."]
     s = lambda v: "n/a" if v is None else f"{v:.2f} s"  # noqa: E731
     x = lambda v: "n/a" if v is None else f"{v:.1f}x"  # noqa: E731
     for method, t in table.runtime.items():
