@@ -316,10 +316,6 @@ class Splits:
         return self._sub(self.data.test, self.retain_test_idx)
 
     @property
-    def test(self) -> Subset:
-        return self._sub(self.data.test, np.arange(len(self.data.test)))
-
-    @property
     def num_classes(self) -> int:
         return self.data.num_classes
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -68,3 +69,18 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return pretrain_model.main(["--dataset", "digits", "--width", "4", "--image-size", "16", "--epochs", "2",
                                 "--milestones", "1", "--seed", "0", "--checkpoint-dir", str(ckpt_dir),
                                 "--device", "cpu"])
+
+
+@pytest.fixture()
+def restore_determinism():
+    """make_deterministic changes process-wide state; put it back for the other tests."""
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+             os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    yield
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[2], saved[3]
+    if saved[4] is None:
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    else:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved[4]

@@ -178,21 +178,6 @@ def test_a_cache_write_killed_midway_leaves_only_complete_files(tiny_checkpoint,
 
 # --- determinism ----------------------------------------------------------------------------------
 
-@pytest.fixture()
-def restore_determinism():
-    """make_deterministic changes process-wide state; put it back for the other tests."""
-    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
-             os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
-    yield
-    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
-    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[2], saved[3]
-    if saved[4] is None:
-        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
-    else:
-        os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved[4]
-
-
 def test_make_deterministic_sets_every_switch(restore_determinism, monkeypatch):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     torch.use_deterministic_algorithms(False)

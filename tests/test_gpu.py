@@ -5,7 +5,6 @@ runs on the CPU (not marked gpu), so the autocast path of the importances is cov
 """
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -80,21 +79,10 @@ def test_bf16_eval_run_completes_close_to_fp32(tiny_checkpoint, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_deterministic_cuda_reruns_are_identical(tiny_checkpoint, tmp_path):
-    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
-             os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
-    try:
-        argv = argv_for(tiny_checkpoint, tmp_path, "--device", "cuda", "--method", "ssd", "--deterministic",
-                        "--no-importance-cache", "--force")
-        first = runner.run("full_class", SSD_PARAMS, argv)
-        second = runner.run("full_class", SSD_PARAMS, argv)
-        assert second["metrics"] == first["metrics"]
-        assert second["method_info"] == first["method_info"]
-    finally:
-        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
-        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[2], saved[3]
-        if saved[4] is None:
-            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
-        else:
-            os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved[4]
+def test_deterministic_cuda_reruns_are_identical(tiny_checkpoint, tmp_path, restore_determinism):
+    argv = argv_for(tiny_checkpoint, tmp_path, "--device", "cuda", "--method", "ssd", "--deterministic",
+                    "--no-importance-cache", "--force")
+    first = runner.run("full_class", SSD_PARAMS, argv)
+    second = runner.run("full_class", SSD_PARAMS, argv)
+    assert second["metrics"] == first["metrics"]
+    assert second["method_info"] == first["method_info"]
