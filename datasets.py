@@ -282,6 +282,7 @@ class Splits:
     df_split: str  # whose accuracy is reported as Df: "forget_test" (class scenarios) or "forget_train"
     forget_classes: list[int]  # the targets that were forgotten as a whole (full class only)
     retain_val_idx: np.ndarray  # validation images outside the forget rule, for retrain's checkpoint selection
+    drawn_order: np.ndarray | None = None  # random forgetting: the training indices in random_split's order
 
     def _sub(self, ds, idx) -> Subset:
         return Subset(ds, idx.tolist())
@@ -370,8 +371,51 @@ def build_splits(scenario: str, data: Data, forget_class: str | None = None, see
     if len(forget_idx) == 0:
         raise UserError(f"the forget set is empty: class {forget_class!r} has no training samples in "
                         f"{data.name} (pick a class that the data contains)")
+    drawn = pool[order] if scenario == "random" else None
     return Splits(data, scenario, forget_idx, retain_idx, test_all[in_test], test_all[~in_test], df_split,
-                  forget_classes, data.val_idx[~in_val])
+                  forget_classes, data.val_idx[~in_val], drawn)
+
+
+IMPORTANCE_ORDERS = ("paper", "shuffled")
+
+
+def importance_order(splits: Splits, order: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """D and D_f as indices into `data.train`, in the order SSD's importance passes read them.
+
+    SSD squares the gradient of each batch-mean loss, so which samples share a batch is part of its
+    definition, and the loaders read these orders without shuffling.
+
+    paper: as the SSD paper's code builds them. D is the retain samples followed by the forget
+      samples. In the class scenarios the retain samples come class by class (ascending target for
+      full class, ascending fine class for sub-class), in dataset order within a class, so nearly
+      every batch of D holds one class and the forget batches come last; D_f is in dataset order.
+      In random forgetting both parts keep torch.random_split's (seeded, random) order.
+      This bounds I_Df / I_D near |D| / |D_f|.
+    shuffled: D shuffled with seed 0 (one order for every request, so I_D is cached per checkpoint),
+      D_f shuffled with the run's seed. Mixed-class batches of D cancel in the mean gradient, so I_D
+      shrinks and the ratio has no such bound.
+    """
+    if order == "paper":
+        if splits.scenario == "random":
+            forget = np.isin(splits.drawn_order, splits.forget_idx)
+            forget_order, retain_order = splits.drawn_order[forget], splits.drawn_order[~forget]
+        else:
+            labels = splits.data.train.fine if splits.scenario == "sub_class" else splits.data.train.targets
+            retain_order = splits.retain_idx[np.argsort(labels[splits.retain_idx], kind="stable")]
+            forget_order = splits.forget_idx
+        return np.concatenate([retain_order, forget_order]), forget_order
+    if order == "shuffled":
+        full = splits.data.train_idx
+        return full[_randperm(len(full), 0)], splits.forget_idx[_randperm(len(splits.forget_idx), seed)]
+    raise UserError(f"unknown importance order {order!r} (choose one of {', '.join(IMPORTANCE_ORDERS)})")
+
+
+def _randperm(n: int, seed: int) -> np.ndarray:
+    """The order in which a DataLoader with shuffle=True and a generator seeded with `seed` reads n
+    items: the loader draws its workers' base seed from the generator before the permutation."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.empty((), dtype=torch.int64).random_(generator=gen)
+    return torch.randperm(n, generator=gen).numpy()
 
 
 def random_split_count(n: int, fraction: float) -> int:

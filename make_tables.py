@@ -31,7 +31,9 @@ SHORT_SCENARIO = {"full_class": "full", "sub_class": "sub", "random": "random"}
 SHORT_NET = {"resnet18": "resnet", "vit": "vit"}
 METHOD_ORDER = ["baseline", "retrain", "retrain_paper", "finetune", "bad_teacher", "amnesiac", "unsir",
                 "ssd", "lfssd", "ssd_per_sample"]
-COLUMNS = {"df": "Df", "retain_test_acc": "Dr", "test_acc": "Test", "mia": "MIA", "method_s": "Time (s)"}
+COLUMNS = {"df": "Df", "retain_test_acc": "Dr", "test_acc": "Test", "mia": "MIA", "method_s": "Time (s)",
+           "dampened_pct": "Dampened (%)"}
+ONLY_SOME = {"dampened_pct"}  # SSD-family rows only: other methods show a dash, not a missing value
 MARKED = ("df", "retain_test_acc", "mia")  # time is not meant to match retrain: being faster is the point
 MARK = "*"
 STD_FLOOR = 0.5
@@ -96,7 +98,11 @@ def load_wandb(project: str) -> list[dict]:
 
 
 def _value(record: dict, name: str) -> float | None:
-    v = (record["times"] if name.endswith("_s") else record["metrics"]).get(name)
+    if name == "dampened_pct":  # the share of parameter elements SSD multiplied by beta < 1
+        v = (record.get("method_info") or {}).get("dampened_fraction")
+        v = 100 * v if isinstance(v, (int, float)) else None
+    else:
+        v = (record["times"] if name.endswith("_s") else record["metrics"]).get(name)
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
@@ -190,9 +196,11 @@ def build_tables(records: list[dict], per_class: bool = False, only: list[str] |
 
 # --- text ----------------------------------------------------------------------------------------
 
-def _fmt(cell: Cell, mark: str = MARK) -> str:
+def _fmt(cell: Cell, mark: str = MARK, column: str = "") -> str:
     if cell.mean is None:
-        return "n/a"
+        return "-" if column in ONLY_SOME else "n/a"
+    if column == "dampened_pct":  # fractions of a percent matter here
+        return f"{cell.mean:.3f}" if cell.std is None else f"{cell.mean:.3f} ± {cell.std:.3f}"
     text = f"{cell.mean:.2f}" if cell.std is None else f"{cell.mean:.2f} ± {cell.std:.2f}"
     return text + (mark if cell.marked else "")
 
@@ -210,7 +218,8 @@ def notes(table: Table, std_floor: float = STD_FLOOR) -> list[str]:
              "a single run's std counts as 0." if any(r.method == "retrain" for r in table.rows)
              else "no retrain row, so nothing is marked.",
              f"mean ± sample std (ddof=1) over seeds{' and forget classes (n = seeds x classes)' if pooled else ''}; "
-             "Df, Dr (retain-test acc.), Test (whole test set) and MIA in %; time = method time in s."]
+             "Df, Dr (retain-test acc.), Test (whole test set) and MIA in %; time = method time in s; "
+             "Dampened = % of parameter elements SSD dampened (SSD variants only)."]
     s = lambda v: "n/a" if v is None else f"{v:.2f} s"  # noqa: E731
     x = lambda v: "n/a" if v is None else f"{v:.1f}x"  # noqa: E731
     for method, t in table.runtime.items():
@@ -230,7 +239,7 @@ def to_markdown(tables: dict[str, Table], per_class: bool = False, std_floor: fl
     parts = []
     for table in tables.values():
         grid = [["Method", *(["Class"] if per_class else []), "n", *COLUMNS.values()]]
-        grid += [[*_lead(row, per_class), *(_fmt(row.cells[c]) for c in COLUMNS)] for row in table.rows]
+        grid += [[*_lead(row, per_class), *(_fmt(row.cells[c], column=c) for c in COLUMNS)] for row in table.rows]
         widths = [max(len(line[i]) for line in grid) for i in range(len(grid[0]))]
         lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in grid]
         lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -242,16 +251,21 @@ def _tex(text: str) -> str:
     return "".join("\\" + ch if ch in "_%&#$" else ch for ch in text).replace("±", "$\\pm$")
 
 
+LATEX_HEADERS = {"df": "$D_f$", "retain_test_acc": "$D_r$"}
+
+
 def to_latex(tables: dict[str, Table], per_class: bool = False, std_floor: float = STD_FLOOR) -> str:
     parts = []
     for table in tables.values():
-        header = ["Method", *(["Class"] if per_class else []), "n", "$D_f$", "$D_r$", "MIA", "Time (s)"]
+        lead = ["Method", *(["Class"] if per_class else []), "n"]
+        header = [_tex(h) for h in lead] + [LATEX_HEADERS.get(c, _tex(name)) for c, name in COLUMNS.items()]
         lines = ["\\begin{table}[t]", "\\centering", f"\\caption{{{_tex(_title(table))}}}",
-                 f"\\begin{{tabular}}{{{'l' * (len(header) - 4)}rrrr}}", "\\toprule", " & ".join(header) + " \\\\",
-                 "\\midrule"]
+                 f"\\begin{{tabular}}{{{'l' * len(lead)}{'r' * len(COLUMNS)}}}", "\\toprule",
+                 " & ".join(header) + " \\\\", "\\midrule"]
         for row in table.rows:
             cells = [_tex(c) for c in _lead(row, per_class)]
-            cells += [_tex(_fmt(row.cells[c], mark="")) + ("$^{*}$" if row.cells[c].marked else "") for c in COLUMNS]
+            cells += [_tex(_fmt(row.cells[c], mark="", column=c)) + ("$^{*}$" if row.cells[c].marked else "")
+                      for c in COLUMNS]
             lines.append(" & ".join(cells) + " \\\\")
         lines += ["\\bottomrule", "\\end{tabular}", "\\par\\smallskip{\\footnotesize",
                   " \\\\\n".join(_tex(n) for n in notes(table, std_floor)) + "}", "\\end{table}"]

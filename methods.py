@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import time
 from argparse import Namespace
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,9 +21,10 @@ from torch import nn
 from torch.utils.data import ConcatDataset, Dataset, Subset
 from tqdm import tqdm
 
+import datasets
 import models
 import ssd as ssd_lib
-from common import UserError, atomic_torch_save
+from common import UserError, array_sha256
 from datasets import Splits
 from training import Recipe, autocast, loader, train, train_and_select
 
@@ -266,54 +266,44 @@ def unsir(model: nn.Module, splits: Splits, cfg: Namespace):
                    "noise_samples": len(impair) - len(retain), "retain_subset": len(retain)}
 
 
-def _full_importance(model: nn.Module, splits: Splits, cfg: Namespace, variant: str):
-    """I_D, from the on-disk cache when this checkpoint, data and settings were seen before.
-
-    I_D depends only on the model, the data and the importance settings, so the paper's Algorithm 1
-    computes it once per model; the paper's code recomputed it on every request."""
-    # the per-sample importance does not depend on the batch size, so any batch size may reuse it
-    batch_size = None if variant == "ssd_per_sample" else cfg.batch_size
-    key = {"checkpoint": cfg.checkpoint_sha256, "dataset": splits.data.name, "split": splits.data.split_hash(),
-           "batch_size": batch_size, "image_size": splits.data.image_size, "variant": variant,
-           "amp": bool(cfg.amp), "shuffle_seed": 0}
-    path = None
-    if cfg.importance_cache and cfg.checkpoint_sha256:
-        name = "-".join(str(v) for v in (cfg.checkpoint_sha256[:16], splits.data.name, splits.data.split_hash(),
-                                         batch_size, splits.data.image_size, variant, int(bool(cfg.amp))))
-        path = Path(cfg.importance_cache) / f"{name}.pt"
-        if path.exists():
-            try:
-                stored = torch.load(path, map_location="cpu", weights_only=True)
-                if stored.get("key") == key:
-                    return stored["importance"], True
-                print(f"warning: importance cache {path} was made for another setup; recomputing")
-            except Exception as e:  # a truncated or foreign file is recomputed, never trusted
-                print(f"warning: unreadable importance cache {path} ({type(e).__name__}); recomputing")
-    # Shuffled with a fixed seed so that batches mix classes (sorted image folders would not) and
-    # the result does not depend on the run's seed, which keeps it cacheable.
-    dl = loader(splits.full_train, cfg.batch_size, cfg.device, shuffle=True, seed=0)
-    imp = _importance(model, dl, cfg, variant, desc="importance D")
-    if path is not None:
-        atomic_torch_save({"key": key, "importance": imp}, path)
-    return imp, False
-
-
-def _importance(model: nn.Module, dl, cfg: Namespace, variant: str, desc: str) -> ssd_lib.Importances:
+def _importance(model: nn.Module, ds: Dataset, cfg: Namespace, variant: str, desc: str) -> ssd_lib.Importances:
+    """One importance pass over `ds` in its own order (the loader never shuffles: see importance_order)."""
+    dl = loader(ds, cfg.batch_size, cfg.device)
     if variant == "ssd_per_sample":
         return ssd_lib.importance_per_sample(model, dl, cfg.device, amp=cfg.amp, desc=desc)
     return ssd_lib.importance(model, dl, cfg.device, variant, amp=cfg.amp, desc=desc)
 
 
-def _ssd(model: nn.Module, splits: Splits, cfg: Namespace, variant: str):
+def ssd_importances(model: nn.Module, splits: Splits, cfg: Namespace, variant: str = "ssd"
+                    ) -> tuple[ssd_lib.Importances, ssd_lib.Importances, dict]:
+    """I_D (cached) and I_Df, with D and D_f read in --importance-order (datasets.importance_order).
+
+    I_D depends only on the model, the samples of D in their batch order and the importance settings,
+    so it is cached on disk under exactly that key: in the shuffled order D is the same for every
+    request and I_D is computed once per checkpoint, as the paper's Algorithm 1 does; in the paper's
+    order D ends with the forget samples, so I_D is computed once per request. The per-sample
+    importance depends on neither batch order nor batch size, so its key holds the set of samples."""
+    per_sample = variant == "ssd_per_sample"
+    d_order, f_order = datasets.importance_order(splits, cfg.importance_order, cfg.seed)
+    key = {"checkpoint": cfg.checkpoint_sha256, "dataset": splits.data.name, "image_size": splits.data.image_size,
+           "variant": variant, "amp": bool(cfg.amp), "batch_size": None if per_sample else cfg.batch_size,
+           "samples": array_sha256(np.sort(d_order) if per_sample else d_order)}
     t0 = time.perf_counter()
-    imp_full, cache_hit = _full_importance(model, splits, cfg, variant)
+    imp_full, cache_hit = ssd_lib.cached_importance(
+        cfg.importance_cache if cfg.checkpoint_sha256 else None, key,
+        lambda: _importance(model, Subset(splits.data.train, d_order.tolist()), cfg, variant, "importance D"))
     t1 = time.perf_counter()
-    dl = loader(splits.forget_train, cfg.batch_size, cfg.device, shuffle=True, seed=cfg.seed)
-    imp_forget = _importance(model, dl, cfg, variant, desc="importance Df")
+    imp_forget = _importance(model, Subset(splits.data.train, f_order.tolist()), cfg, variant, "importance Df")
     t2 = time.perf_counter()
+    return imp_full, imp_forget, {"importance_full_s": t1 - t0, "importance_forget_s": t2 - t1,
+                                  "cache_hit": cache_hit, "importance_order": "any" if per_sample else cfg.importance_order,
+                                  "ratio_cap": len(d_order) / len(f_order)}
+
+
+def _ssd(model: nn.Module, splits: Splits, cfg: Namespace, variant: str):
+    imp_full, imp_forget, info = ssd_importances(model, splits, cfg, variant)
     report = ssd_lib.dampen(model, imp_full, imp_forget, cfg.alpha, cfg.lam)
-    return model, {"importance_full_s": t1 - t0, "importance_forget_s": t2 - t1, "cache_hit": cache_hit,
-                   "dampened": report.total, "dampened_fraction": report.total / max(report.num_elements, 1)}
+    return model, {**info, **report.summary()}
 
 
 @register

@@ -51,7 +51,9 @@ def build_parser(scenario: str, ssd_params: dict, description: str) -> argparse.
     a("--checkpoint-dir", default="runs/pretrain", help="where pretrain_model.py writes checkpoints")
     a("--seed", "-seed", type=int, default=0, help="seeds python, numpy and torch; also the random split's seed")
     a("--model-seed", type=int, default=None, help="training seed of the checkpoint to look up (default: --seed)")
-    a("--batch-size", "-b", type=int, default=64, help="batch size of the importance passes and of methods that train")
+    a("--batch-size", "-b", type=int, default=128 if scenario == "random" else 64,
+      help="batch size of the importance passes and of methods that train (the paper code's -b: 64 for the "
+           "class scenarios, 128 for random forgetting)")
     a("--eval-batch-size", type=int, default=512, help="batch size of evaluation (metrics do not depend on it)")
     a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     a("--data-dir", default="data", help="root folder of the datasets (CIFAR is downloaded there if missing)")
@@ -63,6 +65,11 @@ def build_parser(scenario: str, ssd_params: dict, description: str) -> argparse.
     a("--lambda", dest="lam", type=float, default=None,
       help="SSD dampening constant lambda (default per model: "
            + ", ".join(f"{k}: {v[1]}" for k, v in ssd_params.items()) + ")")
+    a("--importance-order", default="paper", choices=datasets.IMPORTANCE_ORDERS,
+      help="which samples share a batch in SSD's importance passes (part of SSD's definition, since each "
+           "batch's mean gradient is squared). paper: the SSD code's unshuffled D = retain samples class by "
+           "class, then the forget samples, which caps I_Df/I_D near |D|/|D_f|; shuffled: D and D_f shuffled, "
+           "no cap, so the same alpha dampens far more. ssd_per_sample ignores it")
     a("--importance-cache", default="runs/importance_cache", help="folder of cached full-data importances")
     a("--no-importance-cache", dest="importance_cache", action="store_const", const="",
       help="always recompute SSD's importance on the full training set")
@@ -293,8 +300,14 @@ def _run_claimed(p: Plan) -> dict:
               "host": socket.gethostname(),
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     results.append(args.results, record)
+    dampened = f"  dampened {100 * info['dampened_fraction']:.3f}%" if "dampened_fraction" in info else ""
     print(f"Df {_fmt(m['df'])}  retain-test {_fmt(m['retain_test_acc'])}  test {_fmt(m['test_acc'])}  "
-          f"MIA {_fmt(m['mia'])}  ZRF {m.get('zrf', float('nan')):.3f}  method {method_s:.2f}s  eval {eval_s:.2f}s")
+          f"MIA {_fmt(m['mia'])}  ZRF {m.get('zrf', float('nan')):.3f}{dampened}  method {method_s:.2f}s  "
+          f"eval {eval_s:.2f}s")
+    if info.get("dampened") == 0:
+        print(f"warning: alpha={args.alpha} selects nothing: the largest I_Df/I_D is {info['max_ratio']:.3g} "
+              f"(the cap |D|/|D_f| is {info['ratio_cap']:.3g}); the model is unchanged (pass a smaller --alpha)",
+              file=sys.stderr)
     try:
         log_dir = Path(args.results).parent
         results.log_wandb(record, args.wandb_project or f"{args.net}-{args.dataset}-{scenario}",

@@ -7,8 +7,12 @@ dampened model is then destroyed.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from common import UserError
+from common import UserError, atomic_torch_save
 from training import autocast
 
 Importances = dict[str, torch.Tensor]
@@ -59,6 +63,15 @@ class DampenReport:
     per_parameter: dict[str, int]  # elements dampened in each parameter tensor
     total: int
     num_elements: int
+    max_ratio: float  # the largest I_Df / I_D over elements with I_D > 0: alpha at or above it selects nothing
+    zero_full_importance: int  # elements with I_D = 0 < I_Df, which every finite alpha selects
+
+    def summary(self, top: int = 3) -> dict:
+        """The numbers a results line keeps: counts, fraction, largest ratio, most dampened tensors."""
+        most = sorted(((n, c) for n, c in self.per_parameter.items() if c), key=lambda nc: -nc[1])[:top]
+        return {"dampened": self.total, "dampened_fraction": self.total / max(self.num_elements, 1),
+                "max_ratio": self.max_ratio, "zero_full_importance": self.zero_full_importance,
+                "most_dampened": [[n, c] for n, c in most]}
 
 
 def check_finite(imp: Importances, what: str) -> None:
@@ -81,11 +94,15 @@ def dampen(model: nn.Module, imp_full: Importances, imp_forget: Importances, alp
                         f"(pass --alpha and --lambda >= 0)")
     check_finite(imp_full, "full-data")
     check_finite(imp_forget, "forget-set")
-    per_parameter, total, elements = {}, 0, 0
+    per_parameter, total, elements, max_ratio, zero_full = {}, 0, 0, 0.0, 0
     for n, p in model.named_parameters():
         if n not in imp_forget:
             continue
         d, f = imp_full[n].to(p.device), imp_forget[n].to(p.device)
+        positive = d > 0
+        if positive.any():
+            max_ratio = max(max_ratio, float((f[positive] / d[positive]).max()))
+        zero_full += int(((d == 0) & (f > 0)).sum())
         selected = f > alpha * d if math.isfinite(alpha) else torch.zeros_like(f, dtype=torch.bool)
         safe_f = torch.where(selected, f, torch.ones_like(f))
         beta = torch.where(selected, (lam * d / safe_f).clamp(max=1.0), torch.ones_like(f))
@@ -94,7 +111,30 @@ def dampen(model: nn.Module, imp_full: Importances, imp_forget: Importances, alp
         per_parameter[n] = count
         total += count
         elements += p.numel()
-    return DampenReport(per_parameter, total, elements)
+    return DampenReport(per_parameter, total, elements, max_ratio, zero_full)
+
+
+def cached_importance(folder: str | Path | None, key: dict, compute: Callable[[], Importances]
+                      ) -> tuple[Importances, bool]:
+    """`compute()`, stored in `folder` under a name derived from `key`; returns (importances, cache_hit).
+
+    The whole key is stored in the file and compared on load, so a file made for another setup, a
+    truncated one or a foreign one is recomputed with a warning, never trusted. No folder: no cache."""
+    if not folder:
+        return compute(), False
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    path = Path(folder) / f"{key.get('variant', 'importance')}-{digest}.pt"
+    if path.exists():
+        try:
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+            if stored.get("key") == key:
+                return stored["importance"], True
+            print(f"warning: importance cache {path} was made for another setup; recomputing")
+        except Exception as e:  # a truncated or foreign file is recomputed, never trusted
+            print(f"warning: unreadable importance cache {path} ({type(e).__name__}); recomputing")
+    imp = compute()
+    atomic_torch_save({"key": key, "importance": imp}, path)
+    return imp, False
 
 
 def importance_per_sample(model: nn.Module, dl: DataLoader, device: torch.device, amp: bool = False,

@@ -188,9 +188,10 @@ def bench_throughput(spec: dict, args, device: torch.device) -> dict:
 # 2. one SSD request, cache cold and warm, against one retraining epoch
 
 def ssd_cfg(args, device: torch.device, cache_dir: str) -> Namespace:
-    """What methods._ssd and methods._full_importance read from a run's flags."""
+    """What methods._ssd and methods.ssd_importances read from a run's flags. In the paper's batch order
+    D ends with the forget samples, so the warm request is the same request again (another alpha, say)."""
     return Namespace(batch_size=args.batch_size, device=device, amp=False, alpha=10.0, lam=1.0, seed=0,
-                     importance_cache=cache_dir, checkpoint_sha256="bench-fixed-checkpoint")
+                     importance_order="paper", importance_cache=cache_dir, checkpoint_sha256="bench-fixed-checkpoint")
 
 
 def bench_ssd_request(spec: dict, data: datasets.Data, args, device: torch.device, tmp: Path) -> dict:

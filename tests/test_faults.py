@@ -141,7 +141,7 @@ while True:  # every file is one constant i throughout, padded so that a write t
 
 
 def _importance_setup(ckpt: Path, tmp_path: Path):
-    """The model, splits and cfg that methods._full_importance sees in a tiny ssd run."""
+    """The model, splits and cfg that methods.ssd_importances sees in a tiny ssd run."""
     p = runner.plan("full_class", SSD_PARAMS, argv_for(ckpt, tmp_path, "--forget-class", "three"))
     cfg = argparse.Namespace(**{**vars(p.args), "device": torch.device("cpu")}, checkpoint_sha256=p.meta["sha256"])
     return runner.load_model(p.weights, p.meta), p.splits, cfg
@@ -151,7 +151,7 @@ def test_a_cache_write_killed_midway_leaves_only_complete_files(tiny_checkpoint,
     model, splits, cfg = _importance_setup(tiny_checkpoint, tmp_path)
     zeros = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     monkeypatch.setattr(methods, "_importance", lambda *a, **k: zeros)  # the real pass is not the point here
-    methods._full_importance(model, splits, cfg, "ssd")
+    methods.ssd_importances(model, splits, cfg, "ssd")
     (path,) = (tmp_path / "cache").glob("*.pt")  # the exact file a run would read
     template = tmp_path / "template.pt"
     path.rename(template)
@@ -171,9 +171,10 @@ def test_a_cache_write_killed_midway_leaves_only_complete_files(tiny_checkpoint,
     def must_not_recompute(*a, **k):
         raise AssertionError("a complete cache file was not trusted")
 
-    monkeypatch.setattr(methods, "_importance", must_not_recompute)
-    imp, hit = methods._full_importance(model, splits, cfg, "ssd")
-    assert hit and torch.cat([t.flatten() for t in imp.values()]).unique().numel() == 1
+    monkeypatch.setattr(methods, "_importance", lambda model, ds, *a, **k: (
+        zeros if len(ds) == len(splits.forget_idx) else must_not_recompute()))  # only the D_f pass may run
+    imp, _, info = methods.ssd_importances(model, splits, cfg, "ssd")
+    assert info["cache_hit"] and torch.cat([t.flatten() for t in imp.values()]).unique().numel() == 1
 
 
 # --- determinism ----------------------------------------------------------------------------------
