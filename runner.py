@@ -266,6 +266,13 @@ def _forget_name(splits: datasets.Splits, args) -> str | None:
     return None
 
 
+def method_cfg(p: Plan, device: torch.device) -> argparse.Namespace:
+    """What a method receives: the run's flags plus the device and the checkpoint's facts."""
+    return argparse.Namespace(**{**vars(p.args), "device": device}, model_spec=p.meta["model_spec"],
+                              pretrained=bool(p.meta.get("pretrained")), recipe=p.meta["recipe"],
+                              checkpoint_sha256=p.meta.get("sha256"))
+
+
 def _run_claimed(p: Plan) -> dict:
     args, scenario, meta, weights, splits, config, key = p.args, p.scenario, p.meta, p.weights, p.splits, p.config, p.key
     if args.deterministic:
@@ -274,9 +281,7 @@ def _run_claimed(p: Plan) -> dict:
     device = resolve_device(args.device)
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     model = load_model(weights, meta).to(device)
-    cfg = argparse.Namespace(**{**vars(args), "device": device}, model_spec=meta["model_spec"],
-                             pretrained=bool(meta.get("pretrained")), recipe=meta["recipe"],
-                             checkpoint_sha256=meta.get("sha256"))
+    cfg = method_cfg(p, device)
     print(f"{scenario}: {args.method} on {args.net}/{args.dataset}, forget {config['forget_class'] or ''} "
           f"({len(splits.forget_idx)} train samples), alpha={args.alpha} lambda={args.lam}, seed {args.seed}, {device}")
 

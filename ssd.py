@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -112,6 +113,24 @@ def dampen(model: nn.Module, imp_full: Importances, imp_forget: Importances, alp
         total += count
         elements += p.numel()
     return DampenReport(per_parameter, total, elements, max_ratio, zero_full)
+
+
+def importance_ratios(imp_full: Importances, imp_forget: Importances) -> np.ndarray:
+    """I_Df / I_D of every parameter element with a finite ratio (I_D = 0 gives inf or nan: left out)."""
+    r = np.concatenate([(imp_forget[n].double() / imp_full[n].double()).flatten().numpy() for n in imp_forget])
+    return r[np.isfinite(r)]
+
+
+def alpha_for_fraction(imp_full: Importances, imp_forget: Importances, fraction: float) -> float:
+    """The alpha that selects about `fraction` of the elements: the (1 - fraction) quantile of I_Df / I_D
+    (numpy's linear interpolation), as ASSD and Potion choose it. Elements with I_D = 0 < I_Df are
+    selected by every finite alpha on top of that."""
+    if not 0 < fraction < 1:
+        raise UserError(f"a selection fraction must be in (0, 1), got {fraction}")
+    r = importance_ratios(imp_full, imp_forget)
+    if len(r) == 0:
+        raise UserError("no parameter element has a finite I_Df / I_D, so no alpha can be chosen from them")
+    return float(np.percentile(r, 100 * (1 - fraction)))
 
 
 def cached_importance(folder: str | Path | None, key: dict, compute: Callable[[], Importances]

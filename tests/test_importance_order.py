@@ -137,3 +137,53 @@ def test_dampen_reports_the_largest_ratio_and_zero_importance_elements():
     assert report.max_ratio == 4.0 and report.zero_full_importance == 1
     assert report.total == 1  # I_D = 0 < I_Df is selected by any finite alpha; 4 < 5 is not
     assert report.summary()["most_dampened"] == [["weight", 1]]
+
+
+# --- sweep_alpha.py -------------------------------------------------------------------------------
+
+def test_sweep_evaluates_every_alpha_on_one_importance_pass(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    import csv
+
+    import sweep_alpha
+
+    passes = []
+    real = methods._importance
+    monkeypatch.setattr(methods, "_importance", lambda *a, **k: passes.append(a[4]) or real(*a, **k))
+    sweep_alpha.main(["--checkpoint-dir", str(tiny_checkpoint.parent), "--seeds", "0", "--classes", "three",
+                      "--alphas", "0.5", "1e9", "--importance-cache", "", "--device", "cpu", "--out", str(tmp_path)])
+    assert passes == ["importance D", "importance Df"]
+    rows = list(csv.DictReader(open(tmp_path / "digits_full_class.csv")))
+    assert [float(r["alpha"]) for r in rows] == [0.5, 1e9]
+    low, high = rows
+    assert float(high["dampened_fraction"]) == 0 and float(high["df"]) == float(high["original_df"])
+    assert float(low["dampened_fraction"]) > 0 and float(low["max_ratio"]) == float(high["max_ratio"])
+    assert (tmp_path / "digits_full_class_paper.png").stat().st_size > 0
+    assert "| paper | 0.5 | 1 |" in capsys.readouterr().out
+
+
+def test_sweep_fractions_pick_the_quantile_alpha(tiny_checkpoint, tmp_path):
+    import csv
+
+    import sweep_alpha
+
+    sweep_alpha.main(["--checkpoint-dir", str(tiny_checkpoint.parent), "--seeds", "0", "--classes", "three",
+                      "--fractions", "0.01", "0.1", "--importance-cache", "", "--device", "cpu", "--out",
+                      str(tmp_path), "--no-figures"])
+    rows = list(csv.DictReader(open(tmp_path / "digits_full_class.csv")))
+    for r in rows:  # the share selected is the fraction asked for, give or take ties and I_D = 0 elements
+        assert float(r["dampened_fraction"]) == pytest.approx(float(r["fraction"]), abs=0.01)
+
+
+@pytest.mark.parametrize("df, retain, expected", [(0, 97, "clean"), (5, 91, "partial"), (0, 40, "collapse"),
+                                                  (95, 97, "untouched"), (50, 96, "partial")])
+def test_outcome_of_a_class_request(df, retain, expected):
+    import sweep_alpha
+
+    assert sweep_alpha.outcome(df, retain, original_retain=97, original_df=99) == expected
+
+
+@pytest.mark.parametrize("df, expected", [(96, "clean"), (99.5, "untouched"), (80, "partial")])
+def test_outcome_of_a_random_request_compares_with_unseen_accuracy(df, expected):
+    import sweep_alpha
+
+    assert sweep_alpha.outcome(df, 97, original_retain=97, original_df=99.5, reference_df=95) == expected
