@@ -1,6 +1,7 @@
 """Small things every module needs: the user-error type, seeding, atomic writes, hashing."""
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -112,6 +113,54 @@ def git_commit() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the description's line breaks (usage examples) and shows each default once: not when the
+    help already speaks of its default, and not for None or a switch that is off."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        if ("default" in help or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS or not action.option_strings):
+            return help
+        return help + " (default: %(default)s)"
+
+
+# Flags that several entry points share: declared here once, added with add_shared_flags.
+SHARED_FLAGS = {
+    "net": (("--net", "-net"), dict(default="resnet18", help="architecture (resnet18 or vit)")),
+    "dataset": (("--dataset", "-dataset"), dict(default="digits", help="dataset (digits and digits5 are embedded "
+                                                                         "and need no download)")),
+    "seed": (("--seed", "-seed"), dict(type=int, default=0, help="seeds python, numpy and torch")),
+    "device": (("--device",), dict(default="auto", help="auto, cpu, cuda or cuda:N")),
+    "amp": (("--amp",), dict(action="store_true", help="bf16 autocast in importances, training and evaluation")),
+    "deterministic": (("--deterministic",), dict(
+        action="store_true", help="deterministic kernels (cuDNN, cuBLAS, torch's deterministic mode): GPU reruns "
+                                  "repeat bit for bit, more slowly; ops without a deterministic kernel warn")),
+    "checkpoint_dir": (("--checkpoint-dir",), dict(default="runs/pretrain",
+                                                    help="folder of the original models, one sub-folder each")),
+    "data_dir": (("--data-dir",), dict(default="data", help="root folder of the datasets (CIFAR is downloaded "
+                                                            "there if missing)")),
+    "no_download": (("--no-download",), dict(action="store_true", help="never try to download a missing dataset")),
+    "results": (("--results",), dict(default="runs/results.jsonl", help="JSON-lines results file, one line per run")),
+}
+
+
+def add_shared_flags(parser: argparse.ArgumentParser, *names: str, **defaults) -> None:
+    """Add the named shared flags; keyword arguments override a flag's default (or help, as `<name>_help`)."""
+    import datasets
+    import models
+
+    choices = {"net": models.NETS, "dataset": datasets.DATASETS}
+    for name in names:
+        flags, kwargs = SHARED_FLAGS[name]
+        kwargs = {**kwargs, **({"choices": choices[name]} if name in choices else {})}
+        if name in defaults:
+            kwargs["default"] = defaults[name]
+        if f"{name}_help" in defaults:
+            kwargs["help"] = defaults[f"{name}_help"]
+        parser.add_argument(*flags, **kwargs)
 
 
 def run_cli(main, *args) -> None:

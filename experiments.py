@@ -25,7 +25,7 @@ from pathlib import Path
 import methods
 import results
 import runner
-from common import UserError, run_cli
+from common import SHARED_FLAGS, UserError, add_shared_flags, run_cli
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = {"full_class": "forget_full_class_main.py", "sub_class": "forget_sub_class_main.py",
@@ -90,9 +90,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", default=env("SEEDS"), help="seeds, e.g. '1 2 3' (default: 1..5; the quick digits tables: 1 2; env SEEDS)")
     p.add_argument("--methods", default=env("METHODS"), help=f"methods (default: all: {' '.join(ALL_METHODS)}; env METHODS)")
     p.add_argument("--classes", default=env("CLASSES"), help="forget classes, overriding each table's (env CLASSES)")
-    p.add_argument("--results", default=env("RESULTS", "runs/results.jsonl"), help="results file (env RESULTS)")
-    p.add_argument("--checkpoint-dir", default=env("CHECKPOINT_DIR", "runs/pretrain"), help="checkpoint folder")
-    p.add_argument("--data-dir", default=env("DATA_DIR", "data"), help="dataset root")
+    shared = {name: SHARED_FLAGS[name][1]["default"] for name in ("results", "checkpoint_dir", "data_dir")}
+    add_shared_flags(p, "results", "checkpoint_dir", "data_dir", results=env("RESULTS", shared["results"]),
+                     checkpoint_dir=env("CHECKPOINT_DIR", shared["checkpoint_dir"]),
+                     data_dir=env("DATA_DIR", shared["data_dir"]),
+                     results_help="results file (env RESULTS)", checkpoint_dir_help="checkpoint folder (env "
+                                                                                     "CHECKPOINT_DIR)",
+                     data_dir_help="dataset root (env DATA_DIR)")
     p.add_argument("--logs", default="runs/logs", help="one log file per run, with its command and output")
     p.add_argument("--print-commands", action="store_true",
                    help="print one shell command per run and run nothing (pretraining commands go to stderr)")
@@ -166,17 +170,11 @@ def device_env(slot: str, cpu_slots: int = 1) -> tuple[dict, list[str]]:
 def todo(args, runs: list[Run]) -> list[Run]:
     """Drop runs whose key is already in the results file; runs that cannot be planned are kept
     (the run itself will then report the problem)."""
-    import forget_full_class_main
-    import forget_random_main
-    import forget_sub_class_main
-
-    params = {"full_class": forget_full_class_main.SSD_PARAMS, "sub_class": forget_sub_class_main.SSD_PARAMS,
-              "random": forget_random_main.SSD_PARAMS}
-    done, cache, left = results.done_keys(args.results), {}, []
+    done, cache, left = results.done_keys(args.results, runner.record_key), {}, []
     for r in runs:
         scenario = next(s for s, f in SCRIPTS.items() if f == r.script)
         try:
-            key = runner.plan(scenario, params[scenario], r.argv + ["--device", "cpu"], data_cache=cache).key
+            key = runner.plan(scenario, runner.script_params(scenario), r.argv + ["--device", "cpu"], data_cache=cache).key
         except UserError:
             key = None
         if key not in done:

@@ -1,18 +1,24 @@
 """Unlearning methods: one registry, one signature.
 
-    fn(model, splits, cfg) -> (model, info)
+    @register(FinetuneParams)
+    def finetune(model, splits, hp: FinetuneParams, ctx: RunContext) -> (model, info)
 
-`model` is the original model (already on cfg.device), `splits` the forget/retain split of the
-scenario, `cfg` the run's parsed flags plus `device`, `model_spec`, `pretrained`, `recipe` (the
-pretraining recipe) and `checkpoint_sha256`. `info` is a dict of extra numbers for the results line
-(sub-timings, counts). Scenario differences arrive only through `splits`; no method asks which
-scenario it is in.
+Each method is one function registered with a small dataclass of its own hyperparameters (defaults
+and one-line help), declared just above it. The task scripts turn every field into a flag
+(`finetune_epochs` -> `--finetune-epochs`), and a run's key holds the chosen method's fields only,
+so adding a method or a flag touches this file alone and changes no other run's key.
+
+`model` is the original model (already on ctx.device), `splits` the forget/retain split of the
+scenario, `ctx` what every method may know about the run. `info` is a dict of extra numbers for the
+results line (keys ending in `_s` are timings). Scenario differences arrive only through `splits`;
+no method asks which scenario it is in.
 """
 from __future__ import annotations
 
 import copy
 import time
-from argparse import Namespace
+from dataclasses import dataclass, field, fields
+from typing import Callable
 
 import numpy as np
 import torch
@@ -28,52 +34,112 @@ from common import UserError, array_sha256
 from datasets import Splits
 from training import Recipe, autocast, loader, train, train_and_select
 
-REGISTRY = {}
+
+@dataclass
+class RunContext:
+    """What a method may know about its run besides its own hyperparameters."""
+
+    device: torch.device
+    seed: int
+    batch_size: int  # of the importance passes and of the methods that train (the paper code's -b)
+    amp: bool
+    recipe: dict  # the original model's pretraining recipe (training.Recipe as a dict)
+    model_spec: dict
+    pretrained: bool  # whether the original started from pretrained weights (ViT)
+    checkpoint_sha256: str | None
+    importance_cache: str | None = None  # folder of cached I_D; None or "" turns the cache off
 
 
-def register(fn):
-    REGISTRY[fn.__name__] = fn
-    return fn
+def hyper(default, help: str, **flag) -> field:
+    """A hyperparameter: its default, its one-line help, and optional argparse settings
+    (`choices`, `type` when the default is None, `flag` for another flag name, `by_scenario` for
+    scenario-dependent defaults)."""
+    return field(default=default, metadata={"help": help, **flag})
 
 
-@register
-def baseline(model: nn.Module, splits: Splits, cfg: Namespace):
+@dataclass
+class NoParams:
+    pass
+
+
+@dataclass
+class Method:
+    fn: Callable
+    params: type  # the dataclass of the method's hyperparameters
+
+    @property
+    def param_names(self) -> list[str]:
+        return [f.name for f in fields(self.params)]
+
+    @property
+    def uses_alpha(self) -> bool:
+        """SSD family: alpha and lambda default to the task script's SSD_PARAMS."""
+        return "alpha" in self.param_names
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(params: type = NoParams):
+    def add(fn):
+        REGISTRY[fn.__name__] = Method(fn, params)
+        return fn
+    return add
+
+
+@register()
+def baseline(model: nn.Module, splits: Splits, hp: NoParams, ctx: RunContext):
     """The original model, unchanged: the reference every other row is compared with."""
     return model, {}
 
 
-@register
-def retrain(model: nn.Module, splits: Splits, cfg: Namespace):
+RETRAIN_EPOCHS = "retrain and retrain_paper: shorten the schedule to this many epochs (default: the pretraining's)"
+
+
+@dataclass
+class RetrainParams:
+    retrain_epochs: int | None = hyper(None, RETRAIN_EPOCHS, type=int)
+
+
+@register(RetrainParams)
+def retrain(model: nn.Module, splits: Splits, hp: RetrainParams, ctx: RunContext):
     """The gold standard: every parameter back to its initial value, then the pretraining recipe on
     the retain set, with the epoch selected on the retain part of the validation split, as the
     original model was. 'Initial' is random for ResNet and the ImageNet weights for a pretrained ViT."""
-    models.reinitialise_(model, cfg.model_spec, cfg.pretrained, seed=cfg.seed + 1)
-    recipe = _retrain_recipe(cfg)
-    model, info = train_and_select(model, splits.retain_train_aug, recipe, cfg.device, splits.retain_val,
-                                   seed=cfg.seed, amp=cfg.amp, desc="retrain")
+    models.reinitialise_(model, ctx.model_spec, ctx.pretrained, seed=ctx.seed + 1)
+    recipe = _retrain_recipe(ctx, hp.retrain_epochs)
+    model, info = train_and_select(model, splits.retain_train_aug, recipe, ctx.device, splits.retain_val,
+                                   seed=ctx.seed, amp=ctx.amp, desc="retrain")
     return model, {"retrain_epochs": recipe.epochs, **info}
 
 
-def _retrain_recipe(cfg: Namespace, **overrides) -> Recipe:
-    """The pretraining recipe, shortened by --retrain-epochs when given (0 included)."""
-    recipe = Recipe(**{**cfg.recipe, **overrides})
-    if cfg.retrain_epochs is not None:  # a shortened schedule keeps the milestones that still fall inside it
-        recipe.epochs = cfg.retrain_epochs
+def _retrain_recipe(ctx: RunContext, epochs: int | None, **overrides) -> Recipe:
+    """The pretraining recipe, shortened to `epochs` when given (0 included)."""
+    recipe = Recipe(**{**ctx.recipe, **overrides})
+    if epochs is not None:  # a shortened schedule keeps the milestones that still fall inside it
+        recipe.epochs = epochs
         recipe.milestones = [m for m in recipe.milestones if m < recipe.epochs]
     return recipe
 
 
-@register
-def retrain_paper(model: nn.Module, splits: Splits, cfg: Namespace):
+@dataclass
+class RetrainPaperParams:
+    retrain_paper_lr: float = hyper(0.01, "retrain_paper: SGD learning rate (the paper code's fit_one_cycle value)")
+    retrain_epochs: int | None = hyper(None, RETRAIN_EPOCHS, type=int)
+
+
+@register(RetrainPaperParams)
+def retrain_paper(model: nn.Module, splits: Splits, hp: RetrainPaperParams, ctx: RunContext):
     """'retrain' as the SSD paper's code ran it, kept to reproduce that row of its tables; it is not a
     true retrain. Only the classifier head is re-initialised (the paper's code reset the children of
     the model that had `reset_parameters`, which for its networks was the head alone), so the body
     still holds everything it learned from D_f. Then the pretraining schedule (epochs, milestones,
     warm-up, gamma) runs on the retain set without augmentation, with SGD at --retrain-paper-lr
     (0.01, the paper code's default) and --batch-size (its -b). --retrain-epochs shortens it too."""
-    models.reset_head_(model, seed=cfg.seed + 1)
-    recipe = _retrain_recipe(cfg, lr=cfg.retrain_paper_lr, optimizer="sgd", batch_size=cfg.batch_size)
-    train(model, splits.retain_train, recipe, cfg.device, seed=cfg.seed, amp=cfg.amp, desc="retrain_paper")
+    models.reset_head_(model, seed=ctx.seed + 1)
+    recipe = _retrain_recipe(ctx, hp.retrain_epochs, lr=hp.retrain_paper_lr, optimizer="sgd",
+                             batch_size=ctx.batch_size)
+    train(model, splits.retain_train, recipe, ctx.device, seed=ctx.seed, amp=ctx.amp, desc="retrain_paper")
     return model, {"retrain_epochs": recipe.epochs}
 
 
@@ -84,14 +150,22 @@ def _plain_recipe(epochs: int, lr: float, batch_size: int, optimizer: str = "sgd
                   batch_size=batch_size, warmup_epochs=0, milestones=[])
 
 
-@register
-def finetune(model: nn.Module, splits: Splits, cfg: Namespace):
+@dataclass
+class FinetuneParams:
+    finetune_epochs: int = hyper(5, "finetune: epochs on the retain set")
+    finetune_lr: float = hyper(0.02, "finetune: constant SGD learning rate")
+    finetune_momentum: float = hyper(0.9, "finetune: SGD momentum")
+    finetune_weight_decay: float = hyper(5e-4, "finetune: SGD weight decay")
+
+
+@register(FinetuneParams)
+def finetune(model: nn.Module, splits: Splits, hp: FinetuneParams, ctx: RunContext):
     """Fine-tune on the retain set (no augmentation): SGD at a constant --finetune-lr with momentum and
     weight decay, --finetune-epochs epochs of --batch-size; no warm-up, no schedule, as the paper's
     code. Forgetting comes only from catastrophic interference."""
-    recipe = _plain_recipe(cfg.finetune_epochs, cfg.finetune_lr, cfg.batch_size, "sgd", cfg.finetune_momentum,
-                           cfg.finetune_weight_decay)
-    train(model, splits.retain_train, recipe, cfg.device, seed=cfg.seed, amp=cfg.amp, desc="finetune")
+    recipe = _plain_recipe(hp.finetune_epochs, hp.finetune_lr, ctx.batch_size, "sgd", hp.finetune_momentum,
+                           hp.finetune_weight_decay)
+    train(model, splits.retain_train, recipe, ctx.device, seed=ctx.seed, amp=ctx.amp, desc="finetune")
     return model, {}
 
 
@@ -114,29 +188,38 @@ def _random_subset(ds: Dataset, fraction: float, seed: int) -> Subset:
     return Subset(ds, np.sort(pick).tolist())
 
 
-@register
-def bad_teacher(model: nn.Module, splits: Splits, cfg: Namespace):
+@dataclass
+class BadTeacherParams:
+    bt_epochs: int = hyper(1, "bad_teacher: distillation epochs")
+    bt_lr: float = hyper(1e-4, "bad_teacher: Adam learning rate")
+    bt_batch_size: int = hyper(256, "bad_teacher: batch size (the paper code lowered it to 128 for ViT to fit in memory)")
+    bt_retain_fraction: float = hyper(0.3, "bad_teacher: random fraction of D_r distilled from the original model")
+    bt_temperature: float = hyper(1.0, "bad_teacher: KL temperature")
+
+
+@register(BadTeacherParams)
+def bad_teacher(model: nn.Module, splits: Splits, hp: BadTeacherParams, ctx: RunContext):
     """Bad Teacher (Chundawat et al., AAAI 2023): a student copy of the model is distilled with KL at
     --bt-temperature towards a randomly initialised teacher on D_f and towards the original model
     (frozen) on a random --bt-retain-fraction of D_r; Adam, --bt-epochs epochs of --bt-batch-size."""
     student = copy.deepcopy(model)
     good = model.eval()  # the original model, frozen (only ever run under no_grad); the student is returned
-    bad = models.initial(cfg.model_spec, pretrained=False, seed=cfg.seed + 3).to(cfg.device).eval()
-    retain = _random_subset(splits.retain_train, cfg.bt_retain_fraction, cfg.seed)
+    bad = models.initial(ctx.model_spec, pretrained=False, seed=ctx.seed + 3).to(ctx.device).eval()
+    retain = _random_subset(splits.retain_train, hp.bt_retain_fraction, ctx.seed)
     ds = ConcatDataset([Flagged(splits.forget_train, 1), Flagged(retain, 0)])
-    dl = loader(ds, cfg.bt_batch_size, cfg.device, shuffle=True, seed=cfg.seed)
-    opt = torch.optim.Adam(student.parameters(), lr=cfg.bt_lr)
-    temp = cfg.bt_temperature
-    for epoch in range(cfg.bt_epochs):
+    dl = loader(ds, hp.bt_batch_size, ctx.device, shuffle=True, seed=ctx.seed)
+    opt = torch.optim.Adam(student.parameters(), lr=hp.bt_lr)
+    temp = hp.bt_temperature
+    for epoch in range(hp.bt_epochs):
         student.train()
-        bar = tqdm(dl, desc=f"bad_teacher {epoch + 1}/{cfg.bt_epochs}", leave=False, mininterval=2)
+        bar = tqdm(dl, desc=f"bad_teacher {epoch + 1}/{hp.bt_epochs}", leave=False, mininterval=2)
         for x, is_forget in bar:
-            x, is_forget = x.to(cfg.device, non_blocking=True), is_forget.to(cfg.device).float().unsqueeze(1)
-            with torch.no_grad(), autocast(cfg.device, cfg.amp):
+            x, is_forget = x.to(ctx.device, non_blocking=True), is_forget.to(ctx.device).float().unsqueeze(1)
+            with torch.no_grad(), autocast(ctx.device, ctx.amp):
                 p_good = F.softmax(good(x).float() / temp, dim=1)
                 p_bad = F.softmax(bad(x).float() / temp, dim=1)
             target = is_forget * p_bad + (1 - is_forget) * p_good
-            with autocast(cfg.device, cfg.amp):
+            with autocast(ctx.device, ctx.amp):
                 logits = student(x)
             loss = F.kl_div(F.log_softmax(logits.float() / temp, dim=1), target, reduction="batchmean")
             opt.zero_grad(set_to_none=True)
@@ -170,16 +253,23 @@ class Relabeled(Dataset):
         return x, int(self.targets[i]), fine
 
 
-@register
-def amnesiac(model: nn.Module, splits: Splits, cfg: Namespace):
+@dataclass
+class AmnesiacParams:
+    amnesiac_epochs: int = hyper(3, "amnesiac: epochs on relabelled D_f plus D_r")
+    amnesiac_lr: float = hyper(1e-4, "amnesiac: Adam learning rate")
+    amnesiac_batch_size: int = hyper(128, "amnesiac: batch size")
+
+
+@register(AmnesiacParams)
+def amnesiac(model: nn.Module, splits: Splits, hp: AmnesiacParams, ctx: RunContext):
     """Amnesiac unlearning (Graves et al., AAAI 2021), as the Bad Teacher code ran it: D_f gets seeded
     random wrong targets (for sub-class that is automatically another superclass), then the model
     trains on relabelled D_f together with D_r: Adam, --amnesiac-epochs of --amnesiac-batch-size."""
     true = splits.data.train.targets[splits.forget_idx]
-    new = random_other_labels(true, splits.num_classes, cfg.seed)
+    new = random_other_labels(true, splits.num_classes, ctx.seed)
     ds = ConcatDataset([Relabeled(splits.forget_train, new), splits.retain_train])
-    recipe = _plain_recipe(cfg.amnesiac_epochs, cfg.amnesiac_lr, cfg.amnesiac_batch_size, "adam")
-    train(model, ds, recipe, cfg.device, seed=cfg.seed, amp=cfg.amp, desc="amnesiac")
+    recipe = _plain_recipe(hp.amnesiac_epochs, hp.amnesiac_lr, hp.amnesiac_batch_size, "adam")
+    train(model, ds, recipe, ctx.device, seed=ctx.seed, amp=ctx.amp, desc="amnesiac")
     return model, {"relabelled": len(new)}
 
 
@@ -199,27 +289,27 @@ class NoiseImages(Dataset):
         return self.noise[j], int(self.targets[j]), -1
 
 
-def _unsir_noise(model: nn.Module, noise_targets: list[int], shape: tuple, cfg: Namespace):
+def _unsir_noise(model: nn.Module, noise_targets: list[int], shape: tuple, hp: "UnsirParams", ctx: RunContext):
     """UNSIR's error-maximising noise, one batch per target: Adam on the noise to raise the
     cross-entropy towards the target, with an L2 penalty that keeps it bounded. The model stays in
     eval mode, so batch norm neither normalises with the noise's statistics nor stores them (the
     original ran this in train mode, which overwrote the running statistics with the noise's)."""
     model.eval()
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(ctx.seed)
     batches = []
     for t in noise_targets:
-        noise = torch.randn(cfg.unsir_noise_batch, *shape, generator=gen).to(cfg.device).requires_grad_(True)
-        y = torch.full((cfg.unsir_noise_batch,), t, dtype=torch.long, device=cfg.device)
-        opt = torch.optim.Adam([noise], lr=cfg.unsir_noise_lr)
-        for _ in tqdm(range(cfg.unsir_noise_steps), desc=f"unsir noise for {t}", leave=False, mininterval=2):
-            with autocast(cfg.device, cfg.amp):
+        noise = torch.randn(hp.unsir_noise_batch, *shape, generator=gen).to(ctx.device).requires_grad_(True)
+        y = torch.full((hp.unsir_noise_batch,), t, dtype=torch.long, device=ctx.device)
+        opt = torch.optim.Adam([noise], lr=hp.unsir_noise_lr)
+        for _ in tqdm(range(hp.unsir_noise_steps), desc=f"unsir noise for {t}", leave=False, mininterval=2):
+            with autocast(ctx.device, ctx.amp):
                 logits = model(noise)
             l2 = noise.pow(2).flatten(1).sum(dim=1).mean()
-            loss = -F.cross_entropy(logits.float(), y) + cfg.unsir_noise_l2 * l2
+            loss = -F.cross_entropy(logits.float(), y) + hp.unsir_noise_l2 * l2
             noise.grad, = torch.autograd.grad(loss, [noise])  # gradients for the noise only, none for the model
             opt.step()
         batches.append(noise.detach().cpu())
-    targets = torch.tensor(noise_targets, dtype=torch.long).repeat_interleave(cfg.unsir_noise_batch)
+    targets = torch.tensor(noise_targets, dtype=torch.long).repeat_interleave(hp.unsir_noise_batch)
     return torch.cat(batches), targets
 
 
@@ -229,8 +319,32 @@ def first_per_class(idx: np.ndarray, targets: np.ndarray, n: int) -> np.ndarray:
     return np.sort(np.concatenate([idx[t == c][:n] for c in np.unique(t)]))
 
 
-@register
-def unsir(model: nn.Module, splits: Splits, cfg: Namespace):
+@dataclass
+class UnsirParams:
+    unsir_noise_steps: int = hyper(25, "unsir: Adam steps that learn the noise (paper code: 25 full class, 250 "
+                                       "sub-class; random, which the original lacks, takes 25)",
+                                   by_scenario={"sub_class": 250})
+    unsir_noise_lr: float = hyper(0.1, "unsir: Adam learning rate of the noise")
+    unsir_noise_l2: float = hyper(0.1, "unsir: weight of the noise's mean squared L2 norm")
+    unsir_noise_batch: int = hyper(32, "unsir: noise images per noise target. Targets: the forgotten class (full "
+                                       "class), the forgotten fine class's superclass (sub-class); for random "
+                                       "forgetting, which the original does not define, every target among the "
+                                       "forgotten samples gets its own noise, so nearly every class is impaired and "
+                                       "repaired")
+    unsir_noise_copies: int = hyper(80, "unsir: times each noise image appears in the impair epoch")
+    unsir_retain_per_class: int = hyper(500, "unsir: first samples of each target of D_r used to impair and repair")
+    unsir_optimizer: str = hyper("sgd", "unsir: optimizer of impair and repair (the SSD paper's code used adam at "
+                                        "1e-4 for both; UNSIR's own notebook adam at 0.02 and 0.01)",
+                                 choices=["sgd", "adam"])
+    unsir_momentum: float = hyper(0.9, "unsir: SGD momentum (ignored by adam)")
+    unsir_lr: float = hyper(0.02, "unsir: impair learning rate (UNSIR paper)")
+    unsir_batch_size: int = hyper(32, "unsir: impair batch size")
+    unsir_repair_lr: float = hyper(0.01, "unsir: repair learning rate (UNSIR paper)")
+    unsir_repair_batch_size: int = hyper(128, "unsir: repair batch size")
+
+
+@register(UnsirParams)
+def unsir(model: nn.Module, splits: Splits, hp: UnsirParams, ctx: RunContext):
     """UNSIR (Tarun et al., 'Fast Yet Effective Machine Unlearning', TNNLS 2023).
 
     1. Learn error-maximising noise (see _unsir_noise), --unsir-noise-batch images per noise target,
@@ -251,32 +365,32 @@ def unsir(model: nn.Module, splits: Splits, cfg: Namespace):
     targets = splits.data.train.targets
     noise_targets = [int(c) for c in (splits.forget_classes or np.unique(targets[splits.forget_idx]))]
     shape = tuple(splits.forget_train[0][0].shape)
-    noise, noise_y = _unsir_noise(model, noise_targets, shape, cfg)
+    noise, noise_y = _unsir_noise(model, noise_targets, shape, hp, ctx)
     t1 = time.perf_counter()
-    retain = Subset(splits.data.train, first_per_class(splits.retain_idx, targets, cfg.unsir_retain_per_class).tolist())
-    impair = ConcatDataset([NoiseImages(noise, noise_y, cfg.unsir_noise_copies), retain])
-    recipe = _plain_recipe(1, cfg.unsir_lr, cfg.unsir_batch_size, cfg.unsir_optimizer, cfg.unsir_momentum)
-    train(model, impair, recipe, cfg.device, seed=cfg.seed, amp=cfg.amp, desc="unsir impair")
+    retain = Subset(splits.data.train, first_per_class(splits.retain_idx, targets, hp.unsir_retain_per_class).tolist())
+    impair = ConcatDataset([NoiseImages(noise, noise_y, hp.unsir_noise_copies), retain])
+    recipe = _plain_recipe(1, hp.unsir_lr, hp.unsir_batch_size, hp.unsir_optimizer, hp.unsir_momentum)
+    train(model, impair, recipe, ctx.device, seed=ctx.seed, amp=ctx.amp, desc="unsir impair")
     t2 = time.perf_counter()
-    recipe = _plain_recipe(1, cfg.unsir_repair_lr, cfg.unsir_repair_batch_size, cfg.unsir_optimizer,
-                           cfg.unsir_momentum)
-    train(model, retain, recipe, cfg.device, seed=cfg.seed + 1, amp=cfg.amp, desc="unsir repair")
+    recipe = _plain_recipe(1, hp.unsir_repair_lr, hp.unsir_repair_batch_size, hp.unsir_optimizer,
+                           hp.unsir_momentum)
+    train(model, retain, recipe, ctx.device, seed=ctx.seed + 1, amp=ctx.amp, desc="unsir repair")
     t3 = time.perf_counter()
     return model, {"noise_s": t1 - t0, "impair_s": t2 - t1, "repair_s": t3 - t2, "noise_targets": len(noise_targets),
                    "noise_samples": len(impair) - len(retain), "retain_subset": len(retain)}
 
 
-def _importance(model: nn.Module, ds: Dataset, cfg: Namespace, variant: str, desc: str) -> ssd_lib.Importances:
+def _importance(model: nn.Module, ds: Dataset, ctx: RunContext, variant: str, desc: str) -> ssd_lib.Importances:
     """One importance pass over `ds` in its own order (the loader never shuffles: see importance_order)."""
-    dl = loader(ds, cfg.batch_size, cfg.device)
+    dl = loader(ds, ctx.batch_size, ctx.device)
     if variant == "ssd_per_sample":
-        return ssd_lib.importance_per_sample(model, dl, cfg.device, amp=cfg.amp, desc=desc)
-    return ssd_lib.importance(model, dl, cfg.device, variant, amp=cfg.amp, desc=desc)
+        return ssd_lib.importance_per_sample(model, dl, ctx.device, amp=ctx.amp, desc=desc)
+    return ssd_lib.importance(model, dl, ctx.device, variant, amp=ctx.amp, desc=desc)
 
 
-def ssd_importances(model: nn.Module, splits: Splits, cfg: Namespace, variant: str = "ssd"
+def ssd_importances(model: nn.Module, splits: Splits, order: str, ctx: RunContext, variant: str = "ssd"
                     ) -> tuple[ssd_lib.Importances, ssd_lib.Importances, dict]:
-    """I_D (cached) and I_Df, with D and D_f read in --importance-order (datasets.importance_order).
+    """I_D (cached) and I_Df, with D and D_f read in `order` (datasets.importance_order).
 
     I_D depends only on the model, the samples of D in their batch order and the importance settings,
     so it is cached on disk under exactly that key: in the shuffled order D is the same for every
@@ -284,42 +398,63 @@ def ssd_importances(model: nn.Module, splits: Splits, cfg: Namespace, variant: s
     order D ends with the forget samples, so I_D is computed once per request. The per-sample
     importance depends on neither batch order nor batch size, so its key holds the set of samples."""
     per_sample = variant == "ssd_per_sample"
-    d_order, f_order = datasets.importance_order(splits, cfg.importance_order, cfg.seed)
-    key = {"checkpoint": cfg.checkpoint_sha256, "dataset": splits.data.name, "image_size": splits.data.image_size,
-           "variant": variant, "amp": bool(cfg.amp), "batch_size": None if per_sample else cfg.batch_size,
+    d_order, f_order = datasets.importance_order(splits, order, ctx.seed)
+    key = {"checkpoint": ctx.checkpoint_sha256, "dataset": splits.data.name, "image_size": splits.data.image_size,
+           "variant": variant, "amp": bool(ctx.amp), "batch_size": None if per_sample else ctx.batch_size,
            "samples": array_sha256(np.sort(d_order) if per_sample else d_order)}
     t0 = time.perf_counter()
     imp_full, cache_hit = ssd_lib.cached_importance(
-        cfg.importance_cache if cfg.checkpoint_sha256 else None, key,
-        lambda: _importance(model, Subset(splits.data.train, d_order.tolist()), cfg, variant, "importance D"))
+        ctx.importance_cache if ctx.checkpoint_sha256 else None, key,
+        lambda: _importance(model, Subset(splits.data.train, d_order.tolist()), ctx, variant, "importance D"))
     t1 = time.perf_counter()
-    imp_forget = _importance(model, Subset(splits.data.train, f_order.tolist()), cfg, variant, "importance Df")
+    imp_forget = _importance(model, Subset(splits.data.train, f_order.tolist()), ctx, variant, "importance Df")
     t2 = time.perf_counter()
     return imp_full, imp_forget, {"importance_full_s": t1 - t0, "importance_forget_s": t2 - t1,
-                                  "cache_hit": cache_hit, "importance_order": "any" if per_sample else cfg.importance_order,
+                                  "cache_hit": cache_hit, "importance_order": "any" if per_sample else order,
                                   "ratio_cap": len(d_order) / len(f_order)}
 
 
-def _ssd(model: nn.Module, splits: Splits, cfg: Namespace, variant: str):
-    imp_full, imp_forget, info = ssd_importances(model, splits, cfg, variant)
-    report = ssd_lib.dampen(model, imp_full, imp_forget, cfg.alpha, cfg.lam)
+def _ssd(model: nn.Module, splits: Splits, hp, ctx: RunContext, variant: str):
+    imp_full, imp_forget, info = ssd_importances(model, splits, getattr(hp, "importance_order", "paper"), ctx, variant)
+    report = ssd_lib.dampen(model, imp_full, imp_forget, hp.alpha, hp.lam)
     return model, {**info, **report.summary()}
 
 
-@register
-def ssd(model: nn.Module, splits: Splits, cfg: Namespace):
+ALPHA = "SSD selection threshold: dampen where I_Df > alpha * I_D (default: the task script's SSD_PARAMS)"
+LAMBDA = "SSD dampening constant: multiply by min(lambda * I_D / I_Df, 1) (default: the task script's SSD_PARAMS)"
+
+
+@dataclass
+class SSDParams:
+    alpha: float | None = hyper(None, ALPHA, type=float)
+    lam: float | None = hyper(None, LAMBDA, type=float, flag="--lambda")
+    importance_order: str = hyper(
+        "paper", "which samples share a batch in the importance passes (part of SSD's definition, since each "
+                 "batch's mean gradient is squared). paper: the SSD code's unshuffled D = retain samples class by "
+                 "class, then the forget samples, which caps I_Df/I_D near |D|/|D_f|; shuffled: D and D_f "
+                 "shuffled, no cap, so the same alpha dampens far more", choices=list(datasets.IMPORTANCE_ORDERS))
+
+
+@dataclass
+class PerSampleParams:  # per-sample importances do not depend on which samples share a batch
+    alpha: float | None = hyper(None, ALPHA, type=float)
+    lam: float | None = hyper(None, LAMBDA, type=float, flag="--lambda")
+
+
+@register(SSDParams)
+def ssd(model: nn.Module, splits: Splits, hp: SSDParams, ctx: RunContext):
     """Selective Synaptic Dampening with cross-entropy importances."""
-    return _ssd(model, splits, cfg, "ssd")
+    return _ssd(model, splits, hp, ctx, "ssd")
 
 
-@register
-def lfssd(model: nn.Module, splits: Splits, cfg: Namespace):
+@register(SSDParams)
+def lfssd(model: nn.Module, splits: Splits, hp: SSDParams, ctx: RunContext):
     """Loss-free SSD (Schoepf et al.): importances from |grad| of the squared logit norm; no labels."""
-    return _ssd(model, splits, cfg, "lfssd")
+    return _ssd(model, splits, hp, ctx, "lfssd")
 
 
-@register
-def ssd_per_sample(model: nn.Module, splits: Splits, cfg: Namespace):
+@register(PerSampleParams)
+def ssd_per_sample(model: nn.Module, splits: Splits, hp: PerSampleParams, ctx: RunContext):
     """SSD with the textbook diagonal empirical Fisher: the mean over samples of each sample's squared
     gradient (ssd.importance_per_sample), then the same selection and dampening as ssd.
 
@@ -332,4 +467,4 @@ def ssd_per_sample(model: nn.Module, splits: Splits, cfg: Namespace):
     I_Df / I_D <= |D| / |D_f| (about 10 when a tenth of the data is forgotten, e.g. one class of
     CIFAR-10), and an alpha at or above that bound selects nothing. The batch-mean estimate has no
     such bound, because gradients of mixed batches of D cancel and shrink I_D."""
-    return _ssd(model, splits, cfg, "ssd_per_sample")
+    return _ssd(model, splits, hp, ctx, "ssd_per_sample")

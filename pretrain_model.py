@@ -17,16 +17,16 @@ import datasets
 import models
 import training
 from torch.utils.data import Subset
-from common import (UserError, run_cli, atomic_torch_save, atomic_write_json, file_sha256, git_commit, library_versions,
-                    make_deterministic, resolve_device, seed_everything)
+from common import (HelpFormatter, UserError, add_shared_flags, atomic_torch_save, atomic_write_json, file_sha256,
+                    git_commit, library_versions, make_deterministic, resolve_device, run_cli, seed_everything)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
-    a("--net", "-net", default="resnet18", choices=models.NETS, help="architecture")
-    a("--dataset", "-dataset", default="digits", choices=datasets.DATASETS, help="training data")
-    a("--seed", "-seed", type=int, default=0, help="training seed (python, numpy, torch)")
+    add_shared_flags(p, "net", "dataset", "seed", dataset_help="training data (digits and digits5 are embedded "
+                                                              "and need no download)",
+                     seed_help="training seed (python, numpy, torch)")
     a("--width", type=int, default=64, help="ResNet18 base width; 64 is the standard 11.2 M model")
     a("--vit-config", default="base", choices=sorted(models.VIT_CONFIGS),
       help="ViT size: base is ViT-B/16 (ImageNet weights by name), tiny is offline and small")
@@ -46,15 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--select-on-test", action="store_true",
       help="the paper code's behaviour: no validation split, select the checkpoint on the test set")
     a("--out", default=None, help="output folder (default: <checkpoint-dir>/<net>-<dataset>-seed<seed>)")
-    a("--checkpoint-dir", default="runs/pretrain", help="parent folder of the default --out")
+    add_shared_flags(p, "checkpoint_dir", checkpoint_dir_help="parent folder of the default --out")
     a("--force", action="store_true", help="retrain even if --out already holds a checkpoint")
-    a("--data-dir", default="data", help="dataset root (CIFAR is downloaded there if missing)")
-    a("--no-download", action="store_true", help="never try to download a missing dataset")
-    a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    a("--amp", action="store_true", help="bf16 autocast while training and evaluating")
-    a("--deterministic", action="store_true",
-      help="deterministic kernels (cuDNN, cuBLAS, torch's deterministic mode): GPU reruns repeat bit for bit, "
-           "more slowly; ops without a deterministic kernel warn")
+    add_shared_flags(p, "data_dir", "no_download", "device", "amp", "deterministic",
+                     amp_help="bf16 autocast while training and evaluating")
     return p.parse_args(argv)
 
 

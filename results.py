@@ -17,16 +17,11 @@ from filelock import FileLock, Timeout
 
 from common import atomic_write_bytes
 
-# Config fields that do not change a run's result, and so stay out of its key.
-NOT_IN_KEY = {"device", "results", "data_dir", "wandb", "wandb_project", "importance_cache", "force",
-              "checkpoint_dir", "workers", "weights", "eval_batch_size", "no_download",
-              "deterministic"}  # --deterministic picks kernels, like --device, not what is computed
-
-
-def run_key(config: dict) -> str:
-    """A stable hash of everything that defines a run (key order does not matter)."""
-    defining = {k: v for k, v in config.items() if k not in NOT_IN_KEY}
-    return hashlib.sha256(json.dumps(defining, sort_keys=True, default=str).encode()).hexdigest()[:20]
+def run_key(config: dict, defining: tuple[str, ...]) -> str:
+    """A stable hash of the fields of `config` that define the run (runner.COMMON_KEY plus the method's
+    own hyperparameters); a field the config lacks counts as None."""
+    picked = {k: config.get(k) for k in defining}
+    return hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 def _lock(path: Path) -> FileLock:
@@ -49,8 +44,15 @@ def read(path: str | Path) -> list[dict]:
     return records
 
 
-def done_keys(path: str | Path) -> set[str]:
-    return {r.get("key") for r in read(path)}
+def done_keys(path: str | Path, key_of=None) -> set[str]:
+    """The stored keys, plus each record's key recomputed by `key_of(config)`, so records written under
+    an earlier key rule still count as done."""
+    keys = set()
+    for r in read(path):
+        keys.add(r.get("key"))
+        if key_of is not None and isinstance(r.get("config"), dict):
+            keys.add(key_of(r["config"]))
+    return keys
 
 
 def append(path: str | Path, record: dict) -> None:

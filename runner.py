@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib
 import json
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -21,18 +22,26 @@ import methods
 import metrics
 import models
 import results
-from common import (UserError, run_cli, file_sha256, git_commit, library_versions, make_deterministic, resolve_device,
-                    seed_everything)
+from common import (HelpFormatter, UserError, add_shared_flags, file_sha256, git_commit, library_versions,
+                    make_deterministic, resolve_device, run_cli, seed_everything)
 
 DEFAULT_DATASET = {"full_class": "digits", "sub_class": "digits5", "random": "digits"}
 
 
+# Fields of a run's config that define it for every method; the chosen method's own hyperparameters
+# complete its key. Nothing else goes in, so a new flag for another method changes no existing key.
+COMMON_KEY = ("scenario", "method", "net", "dataset", "forget_class", "forget_count", "forget_fraction", "seed",
+              "model_seed", "batch_size", "amp", "checkpoint_sha256", "model_spec", "split_hash", "recipe")
+SCRIPTS = {"full_class": "forget_full_class_main", "sub_class": "forget_sub_class_main",
+           "random": "forget_random_main"}
+
+
 def build_parser(scenario: str, ssd_params: dict, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     a = p.add_argument
-    a("--net", "-net", default="resnet18", choices=models.NETS, help="architecture of the checkpoint")
-    a("--dataset", "-dataset", default=DEFAULT_DATASET[scenario], choices=datasets.DATASETS,
-      help="dataset the checkpoint was trained on (digits/digits5 are embedded and need no download)")
+    add_shared_flags(p, "net", "dataset", dataset=DEFAULT_DATASET[scenario],
+                     dataset_help="dataset the checkpoint was trained on (digits/digits5 are embedded and need no "
+                                  "download)", net_help="architecture of the checkpoint")
     if scenario != "random":
         what = "fine class (e.g. rocket, mushroom, baby, lamp, sea; or three for digits5)" \
             if scenario == "sub_class" else "class or superclass (e.g. rocket, vehicle2, veg, people; or three for digits)"
@@ -48,83 +57,69 @@ def build_parser(scenario: str, ssd_params: dict, description: str) -> argparse.
     a("--weights", "-weight_path", default=None,
       help="model.pt of the original model (its meta.json lies beside it); by default the checkpoint "
            "whose metadata matches --net, --dataset and --model-seed is taken from --checkpoint-dir")
-    a("--checkpoint-dir", default="runs/pretrain", help="where pretrain_model.py writes checkpoints")
-    a("--seed", "-seed", type=int, default=0, help="seeds python, numpy and torch; also the random split's seed")
+    add_shared_flags(p, "checkpoint_dir", "seed", seed_help="seeds python, numpy and torch; also the random split's seed")
     a("--model-seed", type=int, default=None, help="training seed of the checkpoint to look up (default: --seed)")
     a("--batch-size", "-b", type=int, default=128 if scenario == "random" else 64,
       help="batch size of the importance passes and of methods that train (the paper code's -b: 64 for the "
            "class scenarios, 128 for random forgetting)")
     a("--eval-batch-size", type=int, default=512, help="batch size of evaluation (metrics do not depend on it)")
-    a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    a("--data-dir", default="data", help="root folder of the datasets (CIFAR is downloaded there if missing)")
-    a("--no-download", action="store_true", help="never try to download a missing dataset")
-    a("--results", default="runs/results.jsonl", help="JSON-lines results file; one line is appended per run")
+    add_shared_flags(p, "device", "data_dir", "no_download", "results")
     a("--force", action="store_true", help="run even if this exact run is already in the results file")
-    ssd_help = ", ".join(f"{k}: {v[0]}" for k, v in ssd_params.items())
-    a("--alpha", type=float, default=None, help=f"SSD selection threshold alpha (default per model: {ssd_help})")
-    a("--lambda", dest="lam", type=float, default=None,
-      help="SSD dampening constant lambda (default per model: "
-           + ", ".join(f"{k}: {v[1]}" for k, v in ssd_params.items()) + ")")
-    a("--importance-order", default="paper", choices=datasets.IMPORTANCE_ORDERS,
-      help="which samples share a batch in SSD's importance passes (part of SSD's definition, since each "
-           "batch's mean gradient is squared). paper: the SSD code's unshuffled D = retain samples class by "
-           "class, then the forget samples, which caps I_Df/I_D near |D|/|D_f|; shuffled: D and D_f shuffled, "
-           "no cap, so the same alpha dampens far more. ssd_per_sample ignores it")
     a("--importance-cache", default="runs/importance_cache", help="folder of cached full-data importances")
     a("--no-importance-cache", dest="importance_cache", action="store_const", const="",
       help="always recompute SSD's importance on the full training set")
-    a("--retrain-epochs", type=int, default=None, help="shorten the schedule of retrain and retrain_paper (default: the pretraining epochs)")
-    a("--amp", action="store_true", help="bf16 autocast in importances, training and evaluation")
-    a("--deterministic", action="store_true",
-      help="deterministic kernels (cuDNN, cuBLAS, torch's deterministic mode): GPU reruns repeat bit for bit, "
-           "more slowly; ops without a deterministic kernel warn")
+    add_shared_flags(p, "amp", "deterministic")
     a("--wandb", default="auto", choices=["auto", "online", "offline", "disabled"],
       help="wandb mode; auto is online when WANDB_API_KEY is set, else offline")
     a("--wandb-project", default=None, help="wandb project (default: <net>-<dataset>-<scenario>)")
-
-    # method hyperparameters (issue 3); defaults are the SSD paper code's unless a help says otherwise
-    a("--retrain-paper-lr", type=float, default=0.01,
-      help="retrain_paper: SGD learning rate (the paper code's fit_one_cycle default)")
-    a("--finetune-epochs", type=int, default=5, help="finetune: epochs on the retain set")
-    a("--finetune-lr", type=float, default=0.02, help="finetune: constant SGD learning rate")
-    a("--finetune-momentum", type=float, default=0.9, help="finetune: SGD momentum")
-    a("--finetune-weight-decay", type=float, default=5e-4, help="finetune: SGD weight decay")
-    a("--bt-epochs", type=int, default=1, help="bad_teacher: distillation epochs")
-    a("--bt-lr", type=float, default=1e-4, help="bad_teacher: Adam learning rate")
-    a("--bt-batch-size", type=int, default=256,
-      help="bad_teacher: batch size (the paper code lowered it to 128 for ViT to fit in memory)")
-    a("--bt-retain-fraction", type=float, default=0.3,
-      help="bad_teacher: random fraction of D_r distilled from the original model")
-    a("--bt-temperature", type=float, default=1.0, help="bad_teacher: KL temperature")
-    a("--amnesiac-epochs", type=int, default=3, help="amnesiac: epochs on relabelled D_f plus D_r")
-    a("--amnesiac-lr", type=float, default=1e-4, help="amnesiac: Adam learning rate")
-    a("--amnesiac-batch-size", type=int, default=128, help="amnesiac: batch size")
-    a("--unsir-noise-steps", type=int, default=250 if scenario == "sub_class" else 25,
-      help="unsir: Adam steps that learn the noise (paper code: 25 full class, 250 sub-class; random, which "
-           "the original lacks, takes 25)")
-    a("--unsir-noise-lr", type=float, default=0.1, help="unsir: Adam learning rate of the noise")
-    a("--unsir-noise-l2", type=float, default=0.1, help="unsir: weight of the noise's mean squared L2 norm")
-    a("--unsir-noise-batch", type=int, default=32,
-      help="unsir: noise images per noise target. Targets: the forgotten class (full class), the forgotten fine "
-           "class's superclass (sub-class); for random forgetting, which the original does not define, every "
-           "target among the forgotten samples gets its own noise, so nearly every class is impaired and repaired")
-    a("--unsir-noise-copies", type=int, default=80, help="unsir: times each noise image appears in the impair epoch")
-    a("--unsir-retain-per-class", type=int, default=500,
-      help="unsir: first samples of each target of D_r used to impair and repair")
-    a("--unsir-optimizer", default="sgd", choices=["sgd", "adam"],
-      help="unsir: optimizer of impair and repair (the SSD paper's code used adam at 1e-4 for both; "
-           "UNSIR's own notebook adam at 0.02 and 0.01)")
-    a("--unsir-momentum", type=float, default=0.9, help="unsir: SGD momentum (ignored by adam)")
-    a("--unsir-lr", type=float, default=0.02, help="unsir: impair learning rate (UNSIR paper)")
-    a("--unsir-batch-size", type=int, default=32, help="unsir: impair batch size")
-    a("--unsir-repair-lr", type=float, default=0.01, help="unsir: repair learning rate (UNSIR paper)")
-    a("--unsir-repair-batch-size", type=int, default=128, help="unsir: repair batch size")
+    add_method_flags(p.add_argument_group("method hyperparameters (each method reads only its own)"), scenario,
+                     ssd_params)
     return p
 
 
-def ssd_defaults(ssd_params: dict, net: str, dataset: str) -> tuple[float, float]:
+def add_method_flags(group, scenario: str, ssd_params: dict) -> None:
+    """One flag per hyperparameter field of the registered methods; a field shared by several methods
+    (alpha, retrain_epochs) is one flag."""
+    seen = set()
+    for method in methods.REGISTRY.values():
+        for f in fields(method.params):
+            if f.name in seen:
+                continue
+            seen.add(f.name)
+            meta = dict(f.metadata)
+            help = meta["help"]
+            if f.name in ("alpha", "lam"):
+                i = 0 if f.name == "alpha" else 1
+                help += "; here: " + ", ".join(f"{'/'.join(k) if isinstance(k, tuple) else k}: {v[i]}"
+                                                for k, v in ssd_params.items())
+            kwargs = {"dest": f.name, "default": meta.get("by_scenario", {}).get(scenario, f.default), "help": help}
+            kind = meta.get("type", type(f.default))
+            if kind is not str:
+                kwargs["type"] = kind
+            if "choices" in meta:
+                kwargs["choices"] = meta["choices"]
+            group.add_argument(meta.get("flag", "--" + f.name.replace("_", "-")), **kwargs)
+
+
+def ssd_defaults(ssd_params: dict, net: str, dataset: str, scenario: str = "") -> tuple[float, float]:
     """The constants of the calling script: a (net, dataset) entry wins over the net's entry."""
-    return ssd_params.get((net, dataset), ssd_params[net])
+    found = ssd_params.get((net, dataset), ssd_params.get(net))
+    if found is None:
+        script = f"{SCRIPTS.get(scenario, 'the task script')}.py"
+        raise UserError(f"{script} has no SSD_PARAMS entry for net {net!r} (add {net!r}: (alpha, lambda) to "
+                        f"SSD_PARAMS at the top of {script}, or pass both --alpha and --lambda)")
+    return found
+
+
+def script_params(scenario: str) -> dict:
+    """The SSD_PARAMS constant at the top of the scenario's task script, as the script itself uses it."""
+    return importlib.import_module(SCRIPTS[scenario]).SSD_PARAMS
+
+
+def record_key(config: dict) -> str | None:
+    """A stored run's key under today's rule, recomputed from its config (None for an unknown method)."""
+    method = methods.REGISTRY.get(config.get("method"))
+    return None if method is None else results.run_key(config, COMMON_KEY + tuple(method.param_names))
 
 
 def find_checkpoint(checkpoint_dir: str | Path, net: str, dataset: str, seed: int) -> Path:
@@ -201,6 +196,7 @@ class Plan:
     splits: datasets.Splits
     config: dict
     key: str
+    hp: object  # the chosen method's hyperparameters (its dataclass in methods.py)
 
 
 def plan(scenario: str, ssd_params: dict, argv: list[str] | None = None, description: str = "",
@@ -209,12 +205,16 @@ def plan(scenario: str, ssd_params: dict, argv: list[str] | None = None, descrip
 
     `data_cache` lets a driver plan many runs while loading each dataset once."""
     args = build_parser(scenario, ssd_params, description).parse_args(argv)
-    default_alpha, default_lam = ssd_defaults(ssd_params, args.net, args.dataset)
-    args.alpha = default_alpha if args.alpha is None else args.alpha
-    args.lam = default_lam if args.lam is None else args.lam
-    if args.alpha < 0 or args.lam < 0:
-        raise UserError(f"alpha and lambda must be >= 0, got alpha={args.alpha}, lambda={args.lam} "
-                        f"(pass non-negative --alpha and --lambda)")
+    method = methods.REGISTRY[args.method]
+    if method.uses_alpha:
+        if args.alpha is None or args.lam is None:
+            default_alpha, default_lam = ssd_defaults(ssd_params, args.net, args.dataset, scenario)
+            args.alpha = default_alpha if args.alpha is None else args.alpha
+            args.lam = default_lam if args.lam is None else args.lam
+        if not (args.alpha >= 0 and args.lam >= 0):
+            raise UserError(f"alpha and lambda must be >= 0, got alpha={args.alpha}, lambda={args.lam} "
+                            f"(pass non-negative --alpha and --lambda)")
+    hp = method.params(**{name: getattr(args, name) for name in method.param_names})
     if args.model_seed is None:
         args.model_seed = args.seed
     weights = Path(args.weights) if args.weights else find_checkpoint(args.checkpoint_dir, args.net, args.dataset,
@@ -234,11 +234,13 @@ def plan(scenario: str, ssd_params: dict, argv: list[str] | None = None, descrip
     splits = datasets.build_splits(scenario, data, getattr(args, "forget_class", None), seed=args.seed,
                                    forget_count=getattr(args, "forget_count", None),
                                    forget_fraction=getattr(args, "forget_fraction", None))
-    config = {"scenario": scenario, **vars(args), "forget_class": _forget_name(splits, args),
+    hyper_names = set().union(*(m.param_names for m in methods.REGISTRY.values()))
+    settings = {k: v for k, v in vars(args).items() if k not in hyper_names}  # flags of other methods stay out
+    config = {"scenario": scenario, **settings, **asdict(hp), "forget_class": _forget_name(splits, args),
               "checkpoint_sha256": meta.get("sha256"), "model_spec": meta["model_spec"],
               "split_hash": splits.hash(), "recipe": meta["recipe"]}
-    key = results.run_key(config)
-    return Plan(scenario, args, meta, weights, data, splits, config, key)
+    key = record_key(config)
+    return Plan(scenario, args, meta, weights, data, splits, config, key, hp)
 
 
 def run(scenario: str, ssd_params: dict, argv: list[str] | None = None, description: str = "") -> dict | None:
@@ -246,14 +248,14 @@ def run(scenario: str, ssd_params: dict, argv: list[str] | None = None, descript
     p = plan(scenario, ssd_params, argv, description)
     args = p.args
     what = f"{scenario} {args.method} seed {args.seed} (key {p.key})"
-    if not args.force and p.key in results.done_keys(args.results):
+    if not args.force and p.key in results.done_keys(args.results, record_key):
         print(f"skip: {what} is already in {args.results} (--force reruns it)")
         return None
     with results.claim(args.results, p.key) as mine:
         if not mine:
             print(f"skip: {what} is running in another process")
             return None
-        if not args.force and p.key in results.done_keys(args.results):  # finished while we planned
+        if not args.force and p.key in results.done_keys(args.results, record_key):  # finished while we planned
             return None
         return _run_claimed(p)
 
@@ -266,11 +268,12 @@ def _forget_name(splits: datasets.Splits, args) -> str | None:
     return None
 
 
-def method_cfg(p: Plan, device: torch.device) -> argparse.Namespace:
-    """What a method receives: the run's flags plus the device and the checkpoint's facts."""
-    return argparse.Namespace(**{**vars(p.args), "device": device}, model_spec=p.meta["model_spec"],
-                              pretrained=bool(p.meta.get("pretrained")), recipe=p.meta["recipe"],
-                              checkpoint_sha256=p.meta.get("sha256"))
+def run_context(p: Plan, device: torch.device) -> methods.RunContext:
+    """What a method may know about its run besides its hyperparameters."""
+    return methods.RunContext(device=device, seed=p.args.seed, batch_size=p.args.batch_size, amp=p.args.amp,
+                              recipe=p.meta["recipe"], model_spec=p.meta["model_spec"],
+                              pretrained=bool(p.meta.get("pretrained")), checkpoint_sha256=p.meta.get("sha256"),
+                              importance_cache=p.args.importance_cache or None)
 
 
 def _run_claimed(p: Plan) -> dict:
@@ -281,13 +284,14 @@ def _run_claimed(p: Plan) -> dict:
     device = resolve_device(args.device)
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     model = load_model(weights, meta).to(device)
-    cfg = method_cfg(p, device)
+    ctx = run_context(p, device)
+    hyper = ", ".join(f"{k}={v}" for k, v in asdict(p.hp).items())
     print(f"{scenario}: {args.method} on {args.net}/{args.dataset}, forget {config['forget_class'] or ''} "
-          f"({len(splits.forget_idx)} train samples), alpha={args.alpha} lambda={args.lam}, seed {args.seed}, {device}")
+          f"({len(splits.forget_idx)} train samples), seed {args.seed}, {device}{'; ' + hyper if hyper else ''}")
 
     _sync(device)
     t0 = time.perf_counter()
-    model, info = methods.REGISTRY[args.method](model, splits, cfg)
+    model, info = methods.REGISTRY[args.method].fn(model, splits, p.hp, ctx)
     _sync(device)
     method_s = time.perf_counter() - t0
 

@@ -35,38 +35,35 @@ import datasets
 import methods
 import runner
 import ssd
-from common import UserError, file_sha256, run_cli, resolve_device, seed_everything
+from common import HelpFormatter, UserError, add_shared_flags, file_sha256, resolve_device, run_cli, seed_everything
 from training import predict
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scenario", default="full_class", choices=datasets.SCENARIOS, help="forget scenario (default: %(default)s)")
-    p.add_argument("--net", default="resnet18", help="architecture of the checkpoints (default: %(default)s)")
-    p.add_argument("--dataset", default=None,
-                   help="dataset (default: digits, or digits5 for sub_class)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--scenario", default="full_class", choices=datasets.SCENARIOS, help="forget scenario")
+    add_shared_flags(p, "net", "dataset", dataset=None, dataset_help="dataset (default: digits, or digits5 for sub_class)")
     p.add_argument("--classes", nargs="+", default=["all"],
                    help="forget classes by name or index, or 'all' (default: all; random forgetting ignores it)")
-    p.add_argument("--forget-count", type=int, default=100, help="random forgetting: samples forgotten (default: %(default)s)")
+    p.add_argument("--forget-count", type=int, default=100, help="random forgetting: samples forgotten")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2],
                    help="seeds: each names its checkpoint (--model-seed) and the run's seed (default: 1 2)")
     choice = p.add_mutually_exclusive_group()
     choice.add_argument("--alphas", type=float, nargs="+", default=None, help="alphas to try (default: 1 2 5 10)")
     choice.add_argument("--fractions", type=float, nargs="+", default=None,
                         help="selection fractions to try instead of alphas, each in (0, 1)")
-    p.add_argument("--lambda", dest="lam", type=float, default=1.0, help="dampening constant (default: %(default)s)")
+    p.add_argument("--lambda", dest="lam", type=float, default=1.0, help="dampening constant")
     p.add_argument("--orders", nargs="+", default=["paper"], choices=datasets.IMPORTANCE_ORDERS,
                    help="importance batch orders to compare (default: paper)")
     p.add_argument("--variant", default="ssd", choices=["ssd", "lfssd", "ssd_per_sample"],
-                   help="importance estimate (default: %(default)s)")
+                   help="importance estimate")
     p.add_argument("--batch-size", type=int, default=None,
                    help="importance batch size (default: the task script's, 64 or 128 for random)")
-    p.add_argument("--checkpoint-dir", default="runs/pretrain", help="where the checkpoints are (default: %(default)s)")
-    p.add_argument("--data-dir", default="data", help="dataset root (default: %(default)s)")
+    add_shared_flags(p, "checkpoint_dir", "data_dir")
     p.add_argument("--importance-cache", default="runs/importance_cache",
-                   help="folder of cached I_D; '' turns the cache off (default: %(default)s)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    p.add_argument("--out", default="runs/sweeps", help="folder for the CSV and the figures (default: %(default)s)")
+                   help="folder of cached I_D; '' turns the cache off")
+    add_shared_flags(p, "device")
+    p.add_argument("--out", default="runs/sweeps", help="folder for the CSV and the figures")
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
     args = p.parse_args(argv)
     args.dataset = args.dataset or runner.DEFAULT_DATASET[args.scenario]
@@ -113,9 +110,10 @@ def sweep_request(p: runner.Plan, args, device: torch.device) -> list[dict]:
 
     original_df, original_retain = accuracies(original)
     reference = _accuracy(original, splits.retain_val, device) if random_forgetting else None
-    cfg = runner.method_cfg(p, device)
+    ctx = runner.run_context(p, device)
     t0 = time.perf_counter()
-    imp_full, imp_forget, info = methods.ssd_importances(copy.deepcopy(original), splits, cfg, args.variant)
+    imp_full, imp_forget, info = methods.ssd_importances(copy.deepcopy(original), splits, p.args.importance_order,
+                                                         ctx, args.variant)
     importance_s = time.perf_counter() - t0
     settings = [("fraction", f) for f in args.fractions] if args.fractions else [("alpha", a) for a in args.alphas]
     rows = []
@@ -136,12 +134,7 @@ def sweep_request(p: runner.Plan, args, device: torch.device) -> list[dict]:
 
 
 def plan_requests(args) -> list[runner.Plan]:
-    import forget_full_class_main
-    import forget_random_main
-    import forget_sub_class_main
-
-    params = {"full_class": forget_full_class_main.SSD_PARAMS, "sub_class": forget_sub_class_main.SSD_PARAMS,
-              "random": forget_random_main.SSD_PARAMS}[args.scenario]
+    params = runner.script_params(args.scenario)
     plans, cache = [], {}
     for seed in args.seeds:
         for order in args.orders:

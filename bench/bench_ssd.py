@@ -35,7 +35,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from argparse import Namespace
 from pathlib import Path
 
 T_START = time.perf_counter()  # the wall time reported at the end includes the imports below
@@ -187,18 +186,19 @@ def bench_throughput(spec: dict, args, device: torch.device) -> dict:
 # -----------------------------------------------------------------------------
 # 2. one SSD request, cache cold and warm, against one retraining epoch
 
-def ssd_cfg(args, device: torch.device, cache_dir: str) -> Namespace:
+def ssd_args(args, device: torch.device, cache_dir: str) -> tuple[methods.SSDParams, methods.RunContext]:
     """What methods._ssd and methods.ssd_importances read from a run's flags. In the paper's batch order
     D ends with the forget samples, so the warm request is the same request again (another alpha, say)."""
-    return Namespace(batch_size=args.batch_size, device=device, amp=False, alpha=10.0, lam=1.0, seed=0,
-                     importance_order="paper", importance_cache=cache_dir, checkpoint_sha256="bench-fixed-checkpoint")
+    return methods.SSDParams(alpha=10.0, lam=1.0, importance_order="paper"), methods.RunContext(
+        device=device, seed=0, batch_size=args.batch_size, amp=False, recipe={}, model_spec={}, pretrained=False,
+        checkpoint_sha256="bench-fixed-checkpoint", importance_cache=cache_dir)
 
 
 def bench_ssd_request(spec: dict, data: datasets.Data, args, device: torch.device, tmp: Path) -> dict:
     splits = datasets.build_splits("full_class", data, forget_class="class0")
     n_d, n_f = len(splits.data.train_idx), len(splits.forget_idx)
     original = models.initial(spec, pretrained=False, seed=0).to(device)
-    ssd_fn = methods.REGISTRY["ssd"]
+    ssd_fn = methods.REGISTRY["ssd"].fn
     # the baseline: one epoch of the pretraining recipe (augmented data, SGD, warm-up) on the same images
     train_set = Subset(data.train_aug, data.train_idx.tolist())
     recipe = training.Recipe(epochs=1, batch_size=args.batch_size)
@@ -207,7 +207,7 @@ def bench_ssd_request(spec: dict, data: datasets.Data, args, device: torch.devic
         cache = tmp / f"cache{i}"  # empty: the first request computes and stores I_D
         for times in (cold, warm):  # the second request, same folder, finds I_D on disk
             model = copy.deepcopy(original)  # dampening changes the model, so every request gets a fresh one
-            seconds, (_, info) = timed(lambda: ssd_fn(model, splits, ssd_cfg(args, device, str(cache))), device)
+            seconds, (_, info) = timed(lambda: ssd_fn(model, splits, *ssd_args(args, device, str(cache))), device)
             times.append(seconds)
             infos.append(info)
         fresh = models.initial(spec, pretrained=False, seed=1).to(device)

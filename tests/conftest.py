@@ -13,7 +13,49 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+import dataclasses  # noqa: E402
+
 import datasets  # noqa: E402
+import methods  # noqa: E402
+import models  # noqa: E402
+import runner  # noqa: E402
+import training  # noqa: E402
+
+# Two busy cores: more threads only fight each other (a tiny ResNet step goes from 10 ms to 1 s).
+torch.set_num_threads(1)
+
+SSD_PARAMS = {"resnet18": (10.0, 1.0), "vit": (5.0, 1.0)}  # what the task scripts hold, for tests
+SCENARIO_FLAGS = {"full_class": ["--forget-class", "three"], "sub_class": ["--forget-class", "three"],
+                  "random": ["--forget-count", "12"]}
+
+
+def method_args(method: str, scenario: str = "full_class", num_classes: int = 10, image_size: int = 8,
+                **overrides) -> tuple:
+    """(hyperparameters, RunContext) for calling methods.REGISTRY[method].fn directly, as a run would:
+    the method's CLI defaults for the scenario, then `overrides`. An override naming a RunContext
+    field goes to the context (a CPU run of a width-4 ResNet18 with a 1-epoch recipe); fields of
+    other methods are ignored, so one dict of small settings serves every method."""
+    method_entry = methods.REGISTRY[method]
+    args = runner.build_parser(scenario, SSD_PARAMS, "").parse_args(SCENARIO_FLAGS[scenario])
+    values = {n: getattr(args, n) for n in method_entry.param_names}
+    if method_entry.uses_alpha:
+        values["alpha"], values["lam"] = SSD_PARAMS["resnet18"]
+    values.update({k: v for k, v in overrides.items() if k in values})
+    ctx = methods.RunContext(device=torch.device("cpu"), seed=args.seed, batch_size=args.batch_size, amp=False,
+                             recipe=training.Recipe(epochs=1, batch_size=32).as_dict(),
+                             model_spec=models.make_spec("resnet18", num_classes, image_size, width=4),
+                             pretrained=False, checkpoint_sha256=None, importance_cache=None)
+    context_fields = {f.name for f in dataclasses.fields(methods.RunContext)}
+    ctx = dataclasses.replace(ctx, **{k: v for k, v in overrides.items() if k in context_fields})
+    return method_entry.params(**values), ctx
+
+
+@pytest.fixture()
+def kept_results(tmp_path) -> Path:
+    """A results file holding one earlier line, which a failing run must leave as it was."""
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"key": "earlier", "metrics": {}}\n')
+    return path
 
 
 def write_cifar(root: Path, which: str, per_class_train: int, per_class_test: int, seed: int = 0) -> Path:

@@ -11,14 +11,17 @@ import results
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_run_key_is_stable_and_ignores_where_things_run():
+def test_run_key_is_stable_and_holds_only_the_defining_fields():
+    defining = ("scenario", "method", "seed", "alpha")
     config = {"scenario": "full_class", "method": "ssd", "seed": 1, "alpha": 10.0, "device": "cpu",
-              "results": "a.jsonl", "data_dir": "data"}
-    same = dict(reversed(list(config.items())), device="cuda", results="b.jsonl", data_dir="/elsewhere")
-    assert results.run_key(config) == results.run_key(same)
-    assert results.run_key(config) == "24583134dba555595656"  # a key must not change between versions
-    assert results.run_key({**config, "seed": 2}) != results.run_key(config)
-    assert results.run_key({**config, "alpha": 5.0}) != results.run_key(config)
+              "results": "a.jsonl", "data_dir": "data", "finetune_lr": 0.1}
+    same = dict(reversed(list(config.items())), device="cuda", results="b.jsonl", finetune_lr=9.0)
+    assert results.run_key(config, defining) == results.run_key(same, defining)
+    assert results.run_key(config, defining) == "24583134dba555595656"  # a key must not change between versions
+    assert results.run_key({**config, "seed": 2}, defining) != results.run_key(config, defining)
+    assert results.run_key({**config, "alpha": 5.0}, defining) != results.run_key(config, defining)
+    missing = {k: v for k, v in config.items() if k != "alpha"}  # a field the config lacks counts as None
+    assert results.run_key(missing, defining) == results.run_key({**config, "alpha": None}, defining)
 
 
 def _append_many(path, worker, n):

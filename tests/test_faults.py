@@ -4,7 +4,6 @@ A kill may land anywhere: in the importance pass, the cache write, the evaluatio
 Whatever it hits, the results file must stay valid JSON lines, the importance cache must hold only
 complete files, and the next run must finish the work exactly once.
 """
-import argparse
 import copy
 import dataclasses
 import json
@@ -24,9 +23,6 @@ import methods
 import results
 import runner
 from common import UserError, make_deterministic
-
-# Two busy cores: more threads only fight each other.
-torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 SSD_PARAMS = forget_random_main.SSD_PARAMS
@@ -141,17 +137,16 @@ while True:  # every file is one constant i throughout, padded so that a write t
 
 
 def _importance_setup(ckpt: Path, tmp_path: Path):
-    """The model, splits and cfg that methods.ssd_importances sees in a tiny ssd run."""
+    """The model, splits and context that methods.ssd_importances sees in a tiny ssd run."""
     p = runner.plan("full_class", SSD_PARAMS, argv_for(ckpt, tmp_path, "--forget-class", "three"))
-    cfg = argparse.Namespace(**{**vars(p.args), "device": torch.device("cpu")}, checkpoint_sha256=p.meta["sha256"])
-    return runner.load_model(p.weights, p.meta), p.splits, cfg
+    return runner.load_model(p.weights, p.meta), p.splits, runner.run_context(p, torch.device("cpu"))
 
 
 def test_a_cache_write_killed_midway_leaves_only_complete_files(tiny_checkpoint, tmp_path, monkeypatch):
-    model, splits, cfg = _importance_setup(tiny_checkpoint, tmp_path)
+    model, splits, ctx = _importance_setup(tiny_checkpoint, tmp_path)
     zeros = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     monkeypatch.setattr(methods, "_importance", lambda *a, **k: zeros)  # the real pass is not the point here
-    methods.ssd_importances(model, splits, cfg, "ssd")
+    methods.ssd_importances(model, splits, "paper", ctx, "ssd")
     (path,) = (tmp_path / "cache").glob("*.pt")  # the exact file a run would read
     template = tmp_path / "template.pt"
     path.rename(template)
@@ -173,7 +168,7 @@ def test_a_cache_write_killed_midway_leaves_only_complete_files(tiny_checkpoint,
 
     monkeypatch.setattr(methods, "_importance", lambda model, ds, *a, **k: (
         zeros if len(ds) == len(splits.forget_idx) else must_not_recompute()))  # only the D_f pass may run
-    imp, _, info = methods.ssd_importances(model, splits, cfg, "ssd")
+    imp, _, info = methods.ssd_importances(model, splits, "paper", ctx, "ssd")
     assert info["cache_hit"] and torch.cat([t.flatten() for t in imp.values()]).unique().numel() == 1
 
 
@@ -208,21 +203,7 @@ def test_same_seed_gives_identical_metrics(tiny_checkpoint, tmp_path, restore_de
         assert first["method_info"]["cache_hit"] is False and first["method_info"]["dampened"] > 0
 
 
-def test_pretrain_has_the_deterministic_flag():
-    import pretrain_model
-
-    assert pretrain_model.parse_args(["--deterministic"]).deterministic is True
-    assert pretrain_model.parse_args([]).deterministic is False
-
-
 # --- bad input ------------------------------------------------------------------------------------
-
-@pytest.fixture()
-def kept_results(tmp_path):
-    path = tmp_path / "results.jsonl"
-    path.write_text('{"key": "earlier", "metrics": {}}\n')
-    return path
-
 
 def expect_user_error(match: str, scenario: str, ckpt: Path, tmp_path: Path, kept: Path, *extra: str) -> str:
     argv = argv_for(ckpt, tmp_path, *extra, results_name=kept.name)

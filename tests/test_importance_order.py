@@ -36,11 +36,12 @@ def small_data():
 def setup(scenario: str, data: datasets.Data, order: str):
     splits = datasets.build_splits(scenario, data, "three" if scenario != "random" else None, seed=SEED,
                                    forget_count=30)
-    cfg = runner.build_parser(scenario, {"resnet18": (10.0, 1.0)}, "").parse_args(
+    args = runner.build_parser(scenario, {"resnet18": (10.0, 1.0)}, "").parse_args(
         FLAGS[scenario] + ["--importance-order", order, "--seed", str(SEED)])
-    cfg.device, cfg.checkpoint_sha256, cfg.importance_cache = torch.device("cpu"), None, ""
-    model = models.initial(models.make_spec("resnet18", data.num_classes, 8, width=4), pretrained=False, seed=0)
-    return model.eval(), splits, cfg
+    spec = models.make_spec("resnet18", data.num_classes, 8, width=4)
+    ctx = methods.RunContext(device=torch.device("cpu"), seed=args.seed, batch_size=args.batch_size, amp=False,
+                             recipe={}, model_spec=spec, pretrained=False, checkpoint_sha256=None)
+    return models.initial(spec, pretrained=False, seed=0).eval(), splits, ctx, args.importance_order
 
 
 def paper_loaders(scenario: str, data: datasets.Data, batch_size: int) -> tuple[DataLoader, DataLoader]:
@@ -64,12 +65,12 @@ def paper_loaders(scenario: str, data: datasets.Data, batch_size: int) -> tuple[
 @pytest.mark.parametrize("scenario", ["full_class", "sub_class", "random"])
 def test_paper_order_gives_the_paper_codes_importances(scenario, small_data):
     data = small_data[DATASET[scenario]]
-    model, splits, cfg = setup(scenario, data, "paper")
-    assert cfg.batch_size == (128 if scenario == "random" else 64)  # the paper code's -b defaults
-    got_full, got_forget, info = methods.ssd_importances(model, splits, cfg, "ssd")
-    full_dl, forget_dl = paper_loaders(scenario, data, cfg.batch_size)
-    want_full = ssd.importance(model, full_dl, cfg.device)
-    want_forget = ssd.importance(model, forget_dl, cfg.device)
+    model, splits, ctx, order = setup(scenario, data, "paper")
+    assert ctx.batch_size == (128 if scenario == "random" else 64)  # the paper code's -b defaults
+    got_full, got_forget, info = methods.ssd_importances(model, splits, order, ctx, "ssd")
+    full_dl, forget_dl = paper_loaders(scenario, data, ctx.batch_size)
+    want_full = ssd.importance(model, full_dl, ctx.device)
+    want_forget = ssd.importance(model, forget_dl, ctx.device)
     for name in want_full:
         torch.testing.assert_close(got_full[name], want_full[name], rtol=1e-6, atol=1e-12)
         torch.testing.assert_close(got_forget[name], want_forget[name], rtol=1e-6, atol=1e-12)
@@ -79,10 +80,10 @@ def test_paper_order_gives_the_paper_codes_importances(scenario, small_data):
 @pytest.mark.parametrize("scenario", ["full_class", "random"])
 def test_shuffled_order_gives_other_importances(scenario, small_data):
     data = small_data[DATASET[scenario]]
-    model, splits, cfg = setup(scenario, data, "shuffled")
-    got_full, _, info = methods.ssd_importances(model, splits, cfg, "ssd")
+    model, splits, ctx, order = setup(scenario, data, "shuffled")
+    got_full, _, info = methods.ssd_importances(model, splits, order, ctx, "ssd")
     assert info["importance_order"] == "shuffled"
-    want_full = ssd.importance(model, paper_loaders(scenario, data, cfg.batch_size)[0], cfg.device)
+    want_full = ssd.importance(model, paper_loaders(scenario, data, ctx.batch_size)[0], ctx.device)
     worst = max(float(((got_full[n] - want_full[n]).abs() / (want_full[n].abs() + 1e-12)).max()) for n in want_full)
     assert worst > 1e-2, "shuffling D should change which samples share a batch, and so I_D"
 

@@ -2,6 +2,8 @@
 import csv
 import json
 import math
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -173,3 +175,34 @@ def test_cli_missing_results_file(tmp_path):
     assert p.returncode == 2
     assert p.stderr.startswith("error: ") and len(p.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def _tabulars(tex: str) -> list[tuple[int, list[int]]]:
+    """(columns in the spec, cells in each row) for every tabular of a LaTeX document."""
+    found = []
+    for spec, body in re.findall(r"\\begin\{tabular\}\{([^}]*)\}(.*?)\\end\{tabular\}", tex, flags=re.S):
+        rows = [line for line in body.split("\\\\") if "&" in line]
+        found.append((len(spec), [len(re.split(r"(?<!\\)&", row)) for row in rows]))
+    return found
+
+
+@pytest.mark.parametrize("per_class", [False, True])
+def test_latex_rows_have_as_many_cells_as_the_column_spec(results_file, per_class):
+    tables = make_tables.build_tables(results.read(results_file), per_class=per_class)
+    found = _tabulars(make_tables.to_latex(tables, per_class=per_class))
+    assert len(found) == len(tables)
+    for columns, cells in found:
+        assert len(cells) >= 2 and set(cells) == {columns}  # the header and every row
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex is not installed (Debian: texlive-latex-base "
+                                                              "and texlive-latex-recommended)")
+def test_latex_table_compiles(results_file, tmp_path):
+    tables = make_tables.build_tables(results.read(results_file), only=["digits_full_resnet"])
+    doc = "\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n" + make_tables.to_latex(tables) \
+        + "\\end{document}\n"
+    (tmp_path / "t.tex").write_text(doc)
+    p = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "t.tex"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout[-2000:]
+    assert (tmp_path / "t.pdf").stat().st_size > 0
