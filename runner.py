@@ -21,15 +21,17 @@ import methods
 import metrics
 import models
 import results
-from common import (UserError, run_cli, file_sha256, git_commit, library_versions, make_deterministic, resolve_device,
-                    seed_everything)
+from common import (ArgumentParser, UserError, check_output_dir, device_string, file_sha256, fraction, git_commit,
+                    library_versions, make_deterministic, non_negative_float, non_negative_int, number, positive_float,
+                    positive_int, resolve_device, run_cli, seed_everything, seed_int)
 
 DEFAULT_DATASET = {"full_class": "digits", "sub_class": "digits5", "random": "digits"}
 
 
 def build_parser(scenario: str, ssd_params: dict, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
+    momentum, share = number(float, 0, 1, high_open=True), number(float, 0, 1)
     a("--net", "-net", default="resnet18", choices=models.NETS, help="architecture of the checkpoint")
     a("--dataset", "-dataset", default=DEFAULT_DATASET[scenario], choices=datasets.DATASETS,
       help="dataset the checkpoint was trained on (digits/digits5 are embedded and need no download)")
@@ -39,9 +41,9 @@ def build_parser(scenario: str, ssd_params: dict, description: str) -> argparse.
         a("--forget-class", "-forget_class", required=True, help=f"name or index of the {what} to forget")
     else:
         g = p.add_mutually_exclusive_group()
-        g.add_argument("--forget-count", type=int, default=None,
+        g.add_argument("--forget-count", type=positive_int, default=None,
                        help="number of random training samples to forget (default 100)")
-        g.add_argument("--forget-fraction", type=float, default=None,
+        g.add_argument("--forget-fraction", type=fraction, default=None,
                        help="fraction to forget, split as torch's random_split does: the paper's 0.00165 "
                             "gives 83 of 50,000 samples, not 100")
     a("--method", "-method", default="ssd", choices=sorted(methods.REGISTRY), help="unlearning method")
@@ -49,24 +51,30 @@ def build_parser(scenario: str, ssd_params: dict, description: str) -> argparse.
       help="model.pt of the original model (its meta.json lies beside it); by default the checkpoint "
            "whose metadata matches --net, --dataset and --model-seed is taken from --checkpoint-dir")
     a("--checkpoint-dir", default="runs/pretrain", help="where pretrain_model.py writes checkpoints")
-    a("--seed", "-seed", type=int, default=0, help="seeds python, numpy and torch; also the random split's seed")
-    a("--model-seed", type=int, default=None, help="training seed of the checkpoint to look up (default: --seed)")
-    a("--batch-size", "-b", type=int, default=64, help="batch size of the importance passes and of methods that train")
-    a("--eval-batch-size", type=int, default=512, help="batch size of evaluation (metrics do not depend on it)")
-    a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    a("--seed", "-seed", type=seed_int, default=0,
+      help="seeds python, numpy and torch; also the random split's seed")
+    a("--model-seed", type=seed_int, default=None,
+      help="training seed of the checkpoint to look up (default: --seed)")
+    a("--batch-size", "-b", type=positive_int, default=64,
+      help="batch size of the importance passes and of methods that train")
+    a("--eval-batch-size", type=positive_int, default=512,
+      help="batch size of evaluation (metrics do not depend on it)")
+    a("--device", default="auto", type=device_string, help="auto, cpu, cuda or cuda:N")
     a("--data-dir", default="data", help="root folder of the datasets (CIFAR is downloaded there if missing)")
     a("--no-download", action="store_true", help="never try to download a missing dataset")
     a("--results", default="runs/results.jsonl", help="JSON-lines results file; one line is appended per run")
     a("--force", action="store_true", help="run even if this exact run is already in the results file")
     ssd_help = ", ".join(f"{k}: {v[0]}" for k, v in ssd_params.items())
-    a("--alpha", type=float, default=None, help=f"SSD selection threshold alpha (default per model: {ssd_help})")
-    a("--lambda", dest="lam", type=float, default=None,
+    a("--alpha", type=number(float, 0, inf=True), default=None,
+      help=f"SSD selection threshold alpha; inf selects nothing (default per model: {ssd_help})")
+    a("--lambda", dest="lam", type=non_negative_float, default=None,
       help="SSD dampening constant lambda (default per model: "
            + ", ".join(f"{k}: {v[1]}" for k, v in ssd_params.items()) + ")")
     a("--importance-cache", default="runs/importance_cache", help="folder of cached full-data importances")
     a("--no-importance-cache", dest="importance_cache", action="store_const", const="",
       help="always recompute SSD's importance on the full training set")
-    a("--retrain-epochs", type=int, default=None, help="shorten the schedule of retrain and retrain_paper (default: the pretraining epochs)")
+    a("--retrain-epochs", type=non_negative_int, default=None,
+      help="shorten the schedule of retrain and retrain_paper (default: the pretraining epochs)")
     a("--amp", action="store_true", help="bf16 autocast in importances, training and evaluation")
     a("--deterministic", action="store_true",
       help="deterministic kernels (cuDNN, cuBLAS, torch's deterministic mode): GPU reruns repeat bit for bit, "
@@ -76,42 +84,44 @@ def build_parser(scenario: str, ssd_params: dict, description: str) -> argparse.
     a("--wandb-project", default=None, help="wandb project (default: <net>-<dataset>-<scenario>)")
 
     # method hyperparameters (issue 3); defaults are the SSD paper code's unless a help says otherwise
-    a("--retrain-paper-lr", type=float, default=0.01,
+    a("--retrain-paper-lr", type=positive_float, default=0.01,
       help="retrain_paper: SGD learning rate (the paper code's fit_one_cycle default)")
-    a("--finetune-epochs", type=int, default=5, help="finetune: epochs on the retain set")
-    a("--finetune-lr", type=float, default=0.02, help="finetune: constant SGD learning rate")
-    a("--finetune-momentum", type=float, default=0.9, help="finetune: SGD momentum")
-    a("--finetune-weight-decay", type=float, default=5e-4, help="finetune: SGD weight decay")
-    a("--bt-epochs", type=int, default=1, help="bad_teacher: distillation epochs")
-    a("--bt-lr", type=float, default=1e-4, help="bad_teacher: Adam learning rate")
-    a("--bt-batch-size", type=int, default=256,
+    a("--finetune-epochs", type=positive_int, default=5, help="finetune: epochs on the retain set")
+    a("--finetune-lr", type=positive_float, default=0.02, help="finetune: constant SGD learning rate")
+    a("--finetune-momentum", type=momentum, default=0.9, help="finetune: SGD momentum")
+    a("--finetune-weight-decay", type=non_negative_float, default=5e-4, help="finetune: SGD weight decay")
+    a("--bt-epochs", type=positive_int, default=1, help="bad_teacher: distillation epochs")
+    a("--bt-lr", type=positive_float, default=1e-4, help="bad_teacher: Adam learning rate")
+    a("--bt-batch-size", type=positive_int, default=256,
       help="bad_teacher: batch size (the paper code lowered it to 128 for ViT to fit in memory)")
-    a("--bt-retain-fraction", type=float, default=0.3,
+    a("--bt-retain-fraction", type=share, default=0.3,
       help="bad_teacher: random fraction of D_r distilled from the original model")
-    a("--bt-temperature", type=float, default=1.0, help="bad_teacher: KL temperature")
-    a("--amnesiac-epochs", type=int, default=3, help="amnesiac: epochs on relabelled D_f plus D_r")
-    a("--amnesiac-lr", type=float, default=1e-4, help="amnesiac: Adam learning rate")
-    a("--amnesiac-batch-size", type=int, default=128, help="amnesiac: batch size")
-    a("--unsir-noise-steps", type=int, default=250 if scenario == "sub_class" else 25,
+    a("--bt-temperature", type=positive_float, default=1.0, help="bad_teacher: KL temperature")
+    a("--amnesiac-epochs", type=positive_int, default=3, help="amnesiac: epochs on relabelled D_f plus D_r")
+    a("--amnesiac-lr", type=positive_float, default=1e-4, help="amnesiac: Adam learning rate")
+    a("--amnesiac-batch-size", type=positive_int, default=128, help="amnesiac: batch size")
+    a("--unsir-noise-steps", type=non_negative_int, default=250 if scenario == "sub_class" else 25,
       help="unsir: Adam steps that learn the noise (paper code: 25 full class, 250 sub-class; random, which "
            "the original lacks, takes 25)")
-    a("--unsir-noise-lr", type=float, default=0.1, help="unsir: Adam learning rate of the noise")
-    a("--unsir-noise-l2", type=float, default=0.1, help="unsir: weight of the noise's mean squared L2 norm")
-    a("--unsir-noise-batch", type=int, default=32,
+    a("--unsir-noise-lr", type=positive_float, default=0.1, help="unsir: Adam learning rate of the noise")
+    a("--unsir-noise-l2", type=non_negative_float, default=0.1,
+      help="unsir: weight of the noise's mean squared L2 norm")
+    a("--unsir-noise-batch", type=positive_int, default=32,
       help="unsir: noise images per noise target. Targets: the forgotten class (full class), the forgotten fine "
            "class's superclass (sub-class); for random forgetting, which the original does not define, every "
            "target among the forgotten samples gets its own noise, so nearly every class is impaired and repaired")
-    a("--unsir-noise-copies", type=int, default=80, help="unsir: times each noise image appears in the impair epoch")
-    a("--unsir-retain-per-class", type=int, default=500,
+    a("--unsir-noise-copies", type=positive_int, default=80,
+      help="unsir: times each noise image appears in the impair epoch")
+    a("--unsir-retain-per-class", type=positive_int, default=500,
       help="unsir: first samples of each target of D_r used to impair and repair")
     a("--unsir-optimizer", default="sgd", choices=["sgd", "adam"],
       help="unsir: optimizer of impair and repair (the SSD paper's code used adam at 1e-4 for both; "
            "UNSIR's own notebook adam at 0.02 and 0.01)")
-    a("--unsir-momentum", type=float, default=0.9, help="unsir: SGD momentum (ignored by adam)")
-    a("--unsir-lr", type=float, default=0.02, help="unsir: impair learning rate (UNSIR paper)")
-    a("--unsir-batch-size", type=int, default=32, help="unsir: impair batch size")
-    a("--unsir-repair-lr", type=float, default=0.01, help="unsir: repair learning rate (UNSIR paper)")
-    a("--unsir-repair-batch-size", type=int, default=128, help="unsir: repair batch size")
+    a("--unsir-momentum", type=momentum, default=0.9, help="unsir: SGD momentum (ignored by adam)")
+    a("--unsir-lr", type=positive_float, default=0.02, help="unsir: impair learning rate (UNSIR paper)")
+    a("--unsir-batch-size", type=positive_int, default=32, help="unsir: impair batch size")
+    a("--unsir-repair-lr", type=positive_float, default=0.01, help="unsir: repair learning rate (UNSIR paper)")
+    a("--unsir-repair-batch-size", type=positive_int, default=128, help="unsir: repair batch size")
     return p
 
 
@@ -210,6 +220,10 @@ def plan(scenario: str, ssd_params: dict, argv: list[str] | None = None, descrip
                         f"(pass non-negative --alpha and --lambda)")
     if args.model_seed is None:
         args.model_seed = args.seed
+    # every output is checked before the checkpoint and the data are loaded: a bad path costs no run
+    results.check_writable(args.results)
+    if args.importance_cache:
+        check_output_dir(args.importance_cache, "--importance-cache")
     weights = Path(args.weights) if args.weights else find_checkpoint(args.checkpoint_dir, args.net, args.dataset,
                                                                      args.model_seed)
     if weights.is_dir():
@@ -292,7 +306,7 @@ def _run_claimed(p: Plan) -> dict:
               "git": git_commit(), "versions": library_versions(), "started": started,
               "host": socket.gethostname(),
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    results.append(args.results, record)
+    _record(record, args.results)
     print(f"Df {_fmt(m['df'])}  retain-test {_fmt(m['retain_test_acc'])}  test {_fmt(m['test_acc'])}  "
           f"MIA {_fmt(m['mia'])}  ZRF {m.get('zrf', float('nan')):.3f}  method {method_s:.2f}s  eval {eval_s:.2f}s")
     try:
@@ -303,6 +317,21 @@ def _run_claimed(p: Plan) -> dict:
     except Exception as e:  # the results line is already safe; tracking must not lose it
         print(f"warning: wandb logging failed: {type(e).__name__}: {e}", file=sys.stderr)
     return record
+
+
+def _record(record: dict, path: str) -> None:
+    """Append the results line; if that fails for any reason, the finished result goes to a file of its own."""
+    try:
+        results.append(path, record)
+    except Exception as e:
+        problem = f"the result could not be appended to {path} ({type(e).__name__}: {e})"
+        saved = results.save_fallback(record, path)
+        if saved is None:  # nowhere to write at all: the line goes to the terminal, the one place left
+            print(results.encode(record, default=str), end="")
+            raise UserError(f"{problem}; no file could be written, so the record is printed above "
+                            f"(copy that line into {path} once it is writable)") from None
+        raise UserError(f"{problem}; the record is saved in {saved} "
+                        f"(make {path} writable, then: cat {saved} >> {path})") from None
 
 
 def _fmt(x) -> str:
