@@ -101,6 +101,9 @@ def restore_nonfinite(record):
     return record
 
 
+LOCK_WAIT_S = 30  # how long a run waits, before it starts, for another process's append to finish
+
+
 def check_writable(path: str | Path) -> None:
     """Before a run: the results file can be appended to, its lock taken and its claims folder made."""
     path = Path(path)
@@ -109,11 +112,11 @@ def check_writable(path: str | Path) -> None:
     lock_file = Path(str(path) + ".lock")
     if lock_file.exists():  # a lock that does not exist yet is created in the folder checked above
         try:
-            with _lock(path).acquire(timeout=30):
+            with _lock(path).acquire(timeout=LOCK_WAIT_S):
                 pass
         except Timeout:
-            raise UserError(f"the lock {lock_file} has been held for 30 s (wait for the process that writes "
-                            f"{path}, or delete the lock file if none does)") from None
+            raise UserError(f"the lock {lock_file} has been held for {LOCK_WAIT_S} s (wait for the process "
+                            f"that writes {path}, or delete the lock file if none does)") from None
         except OSError as e:
             raise UserError(f"cannot take the lock {lock_file} ({e.strerror or type(e).__name__}) "
                             f"(fix its permissions, or delete it if no process writes {path})") from None
