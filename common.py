@@ -127,6 +127,9 @@ def run_cli(main, *args) -> None:
     except KeyboardInterrupt:
         print("interrupted; results and checkpoints hold only completed work", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
     sys.exit(code if isinstance(code, int) else 0)
 
 
