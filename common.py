@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import random
 import tempfile
@@ -86,10 +87,9 @@ def array_sha256(arr) -> str:
 def resolve_device(name: str):
     import torch
 
+    check_device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} requested but CUDA is not available (use --device cpu)")
     return torch.device(name)
 
 
@@ -115,6 +115,136 @@ def git_commit() -> str | None:
         return None
 
 
+def run_cli(main, *args) -> None:
+    """Run a script's main: a UserError becomes `error: ...` and exit status 2, never a traceback."""
+    import sys
+
+    try:
+        code = main(*args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; results and checkpoints hold only completed work", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+# --- validation -----------------------------------------------------------------------------------
+# Every entry point checks its flags, devices and output paths here, before it loads a checkpoint or
+# computes anything, so bad input costs a second and never a run.
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes are UserErrors: one `error: <problem> (<fix>)` line and status 2, no usage
+    dump. A numeric flag declared with plain `type=int` or `type=float` must still be finite and >= 0;
+    flags with another range declare it with `number(...)`."""
+
+    def error(self, message: str):
+        raise UserError(message if message.endswith(")") else f"{message} (see {self.prog} --help)")
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extra = super().parse_known_args(args, namespace)
+        for action in self._actions:
+            if action.type in (int, float):
+                values = getattr(parsed, action.dest, None)
+                for v in values if isinstance(values, list) else [values]:
+                    if v is not None and not (math.isfinite(v) and v >= 0):
+                        self.error(f"argument {'/'.join(action.option_strings)}: {v} is not a finite number "
+                                   f">= 0 (pass a non-negative value)")
+        return parsed, extra
+
+
+def number(kind: type = float, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+           high_open: bool = False, inf: bool = False):
+    """An argparse `type=` that parses an int or a finite float (inf too if `inf`) within a range."""
+    what = "an integer" if kind is int else "a number"
+    show = (lambda v: str(int(v))) if kind is int else (lambda v: f"{v:g}")
+    bounds = [f"{'>' if low_open else '>='} {show(low)}" if low is not None else "",
+              f"{'<' if high_open else '<='} {show(high)}" if high is not None else ""]
+    desc = f"{what} {' and '.join(b for b in bounds if b)}".strip() + (", or inf" if inf else "")
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what} (pass {desc})") from None
+        bad = (math.isnan(value) or (math.isinf(value) and not inf) if kind is float else False) \
+            or low is not None and (value <= low if low_open else value < low) \
+            or high is not None and (value >= high if high_open else value > high)
+        if bad:
+            raise argparse.ArgumentTypeError(f"{text} is out of range (pass {desc})")
+        return value
+
+    parse.__name__ = desc  # argparse names the type in some messages
+    return parse
+
+
+positive_int = number(int, 1)
+non_negative_int = number(int, 0)
+seed_int = number(int, 0, 2**31 - 1)  # numpy takes seeds < 2**32, and runs derive seed + k from it
+positive_float = number(float, 0, low_open=True)
+non_negative_float = number(float, 0)
+fraction = number(float, 0, 1, low_open=True, high_open=True)  # strictly between 0 and 1
+
+
+def device_string(name: str) -> str:
+    """An argparse `type=` for --device: auto, cpu, cuda, cuda:N or mps, and it must exist here."""
+    check_device(name)
+    return name
+
+
+def check_device(name: str) -> None:
+    import re
+
+    import torch
+
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
+        raise UserError(f"unknown device {name!r} (pass --device auto, cpu, cuda, cuda:N or mps)")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"device {name!r} requested but CUDA is not available (use --device cpu)")
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise UserError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} "
+                            f"GPU(s) (use cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    if name == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UserError("device 'mps' requested but it is not available (use --device cpu)")
+
+
+def check_output_dir(folder: str | Path, flag: str) -> None:
+    """`folder` is a folder, or can be created, and a file can be written in it. Creates nothing."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag}: cannot use {folder} as a folder, because {existing} is a file "
+                        f"(pass another path, or move that file away)")
+    if existing == folder:  # a real write, which also catches read-only mounts and root-owned folders
+        try:
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as e:
+            raise UserError(f"{flag}: cannot write in {folder} ({e.strerror or type(e).__name__}) "
+                            f"(pass a writable path, or fix the folder's permissions)") from None
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag}: cannot create {folder}, {existing} is not writable "
+                        f"(pass a writable path, or fix the folder's permissions)")
+
+
+def check_output_file(path: str | Path, flag: str) -> None:
+    """`path` is not a folder, and its folder exists or can be created and is writable. Creates nothing."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag}: {path} is a folder, not a file (name a file, e.g. {path / 'results.jsonl'})")
+    check_output_dir(path.parent, flag)
+    if path.exists() and not os.access(path, os.R_OK):
+        raise UserError(f"{flag}: {path} exists but cannot be read (fix its permissions, or pass another file)")
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Keeps the description's line breaks (usage examples) and shows each default once: not when the
     help already speaks of its default, and not for None or a switch that is off."""
@@ -132,8 +262,8 @@ SHARED_FLAGS = {
     "net": (("--net", "-net"), dict(default="resnet18", help="architecture (resnet18 or vit)")),
     "dataset": (("--dataset", "-dataset"), dict(default="digits", help="dataset (digits and digits5 are embedded "
                                                                          "and need no download)")),
-    "seed": (("--seed", "-seed"), dict(type=int, default=0, help="seeds python, numpy and torch")),
-    "device": (("--device",), dict(default="auto", help="auto, cpu, cuda or cuda:N")),
+    "seed": (("--seed", "-seed"), dict(type=seed_int, default=0, help="seeds python, numpy and torch")),
+    "device": (("--device",), dict(default="auto", type=device_string, help="auto, cpu, cuda or cuda:N")),
     "amp": (("--amp",), dict(action="store_true", help="bf16 autocast in importances, training and evaluation")),
     "deterministic": (("--deterministic",), dict(
         action="store_true", help="deterministic kernels (cuDNN, cuBLAS, torch's deterministic mode): GPU reruns "
@@ -161,18 +291,3 @@ def add_shared_flags(parser: argparse.ArgumentParser, *names: str, **defaults) -
         if f"{name}_help" in defaults:
             kwargs["help"] = defaults[f"{name}_help"]
         parser.add_argument(*flags, **kwargs)
-
-
-def run_cli(main, *args) -> None:
-    """Run a script's main: a UserError becomes `error: ...` and exit status 2, never a traceback."""
-    import sys
-
-    try:
-        code = main(*args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted; results and checkpoints hold only completed work", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(code if isinstance(code, int) else 0)

@@ -229,10 +229,11 @@ def build_data(name: str, data_dir: str | Path = "data", image_size: int | None 
         if not folder.is_dir():
             raise UserError(f"face dataset folder {folder} not found (put one sub-folder of images per "
                             f"identity there, e.g. PinsFaceRecognition's 105 folders, or pass --data-dir)")
+        check_image_folder(folder)
         full = torchvision.datasets.ImageFolder(str(folder))
         labels = np.array(full.targets)
         idx = np.arange(len(labels))
-        tr_idx, te_idx = train_test_split(idx, test_size=faces_test_fraction, stratify=labels, random_state=split_seed)
+        tr_idx, te_idx = _stratified_split(idx, faces_test_fraction, labels, split_seed, "train/test")
         tr_idx, te_idx = np.sort(tr_idx), np.sort(te_idx)
         fine_classes = classes = list(full.classes)
         train = LabeledImages(Subset(full, tr_idx), labels[tr_idx], None)
@@ -242,8 +243,7 @@ def build_data(name: str, data_dir: str | Path = "data", image_size: int | None 
 
     all_idx = np.arange(len(train))
     if val_fraction > 0:
-        train_idx, val_idx = train_test_split(all_idx, test_size=val_fraction, stratify=train.targets,
-                                              random_state=split_seed)
+        train_idx, val_idx = _stratified_split(all_idx, val_fraction, train.targets, split_seed, "validation")
         train_idx, val_idx = np.sort(train_idx), np.sort(val_idx)
     else:
         train_idx, val_idx = all_idx, np.array([], dtype=np.int64)
@@ -254,6 +254,49 @@ def build_data(name: str, data_dir: str | Path = "data", image_size: int | None 
     return Data(name=name, train=view(train, False), test=view(test, False), train_aug=view(train, True),
                 train_idx=train_idx, val_idx=val_idx, classes=list(classes), fine_classes=list(fine_classes),
                 image_size=image_size)
+
+
+def check_image_folder(folder: Path) -> None:
+    """Before anything trains: one sub-folder per identity, each with at least 2 images, all readable.
+
+    Only the headers are read (PIL's verify), so a large folder is checked in seconds."""
+    identities = sorted(p for p in folder.iterdir() if p.is_dir())
+    if not identities:
+        raise UserError(f"face dataset folder {folder} has no identity sub-folders (put one sub-folder of "
+                        f"images per identity there)")
+    unreadable, few = [], []
+    for identity in identities:
+        images = [p for p in sorted(identity.rglob("*"))
+                  if p.is_file() and torchvision.datasets.folder.has_file_allowed_extension(
+                      p.name, torchvision.datasets.folder.IMG_EXTENSIONS)]
+        readable = 0
+        for path in images:
+            try:
+                with Image.open(path) as im:
+                    im.verify()
+                readable += 1
+            except Exception:  # PIL raises many types for a damaged file
+                unreadable.append(path)
+        if readable < 2:
+            few.append(f"{identity.name} ({readable})")
+    if unreadable:
+        raise UserError(f"{len(unreadable)} image(s) under {folder} cannot be read, e.g. {unreadable[0]} "
+                        f"(replace or delete them)")
+    if few:
+        raise UserError(f"{len(few)} identity folder(s) under {folder} hold fewer than 2 images: "
+                        f"{', '.join(few[:5])}{', ...' if len(few) > 5 else ''} (the stratified split needs "
+                        f"at least 2 images per identity: add images or remove those folders)")
+
+
+def _stratified_split(idx: np.ndarray, test_size: float, labels: np.ndarray, seed: int, what: str):
+    """train_test_split stratified by `labels`, with its refusals turned into one clear error."""
+    try:
+        return train_test_split(idx, test_size=test_size, stratify=labels[idx], random_state=seed)
+    except ValueError as e:
+        counts = np.bincount(labels[idx])
+        raise UserError(f"the stratified {what} split ({test_size:g} of {len(idx)} images, {np.count_nonzero(counts)} "
+                        f"classes, the smallest with {counts[counts > 0].min()}) is impossible: {e} "
+                        f"(add images to the small classes, or change the split fraction)") from None
 
 
 def resolve_class(name: str, classes: list[str], what: str = "class") -> int:

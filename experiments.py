@@ -25,7 +25,7 @@ from pathlib import Path
 import methods
 import results
 import runner
-from common import SHARED_FLAGS, UserError, add_shared_flags, run_cli
+from common import SHARED_FLAGS, ArgumentParser, UserError, add_shared_flags, check_output_dir, run_cli
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = {"full_class": "forget_full_class_main.py", "sub_class": "forget_sub_class_main.py",
@@ -78,7 +78,7 @@ class Run:
 
 def parse_args(argv=None) -> argparse.Namespace:
     env = os.environ.get
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("devices", nargs="?", default=env("DEVICES", "cpu"),
                    help="'cpu' (default), one GPU id, or a comma list ('0,1,2,3'; 'cpu,cpu' runs two CPU slots); "
                         "one run at a time per entry")
@@ -107,11 +107,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         raise UserError(f"unknown table {', '.join(unknown)} (choose from {', '.join(TABLES)})")
     args.slots = [d.strip() for d in args.devices.split(",") if d.strip()]
+    bad = [s for s in args.slots if s != "cpu" and not s.isdigit()] or ([] if args.slots else ["(none)"])
+    if bad:
+        raise UserError(f"devices {args.devices!r}: {', '.join(bad)} is neither 'cpu' nor a GPU id "
+                        f"(pass cpu, a GPU id such as 0, or a comma list such as 0,1)")
     on_cpu = all(s == "cpu" for s in args.slots)
     args.suite = args.suite or ("quick" if on_cpu else "paper")
     quick = args.table is None and args.suite == "quick" or args.table and all(t in QUICK_TABLES for t in args.table)
-    args.seeds = [int(s) for s in (args.seeds or ("1 2" if quick else "1 2 3 4 5")).replace(",", " ").split()]
+    seeds = (args.seeds or ("1 2" if quick else "1 2 3 4 5")).replace(",", " ").split()
+    if not seeds or not all(s.isdigit() for s in seeds):
+        raise UserError(f"--seeds {args.seeds!r} is not a list of non-negative integers (pass e.g. --seeds '1 2 3')")
+    args.seeds = [int(s) for s in seeds]
     args.methods = (args.methods or " ".join(ALL_METHODS)).replace(",", " ").split()
+    unknown = [m for m in args.methods if m not in ALL_METHODS] or ([] if args.methods else ["(none)"])
+    if unknown:
+        raise UserError(f"unknown method {', '.join(unknown)} (choose from {', '.join(ALL_METHODS)})")
+    try:
+        shlex.split(args.extra)
+    except ValueError as e:
+        raise UserError(f"--extra {args.extra!r} cannot be split into flags: {e} (balance its quotes)") from None
+    if not args.print_commands:  # every run writes here; a bad path must fail now, not after the first run
+        results.check_writable(args.results)
+        check_output_dir(args.logs, "--logs")
+        check_output_dir(args.checkpoint_dir, "--checkpoint-dir")
     return args
 
 

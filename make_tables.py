@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 import results
-from common import UserError, run_cli
+from common import ArgumentParser, UserError, check_output_dir, non_negative_float, run_cli
 
 SHORT_SCENARIO = {"full_class": "full", "sub_class": "sub", "random": "random"}
 SHORT_NET = {"resnet18": "resnet", "vit": "vit"}
@@ -351,7 +351,7 @@ errors (missing results file, no runs) print one 'error: ...' line and exit with
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, epilog=EPILOG,
+    p = ArgumentParser(description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", default="runs/results.jsonl", help="results file, JSON lines (default: %(default)s)")
     p.add_argument("--wandb-project", metavar="ENTITY/PROJECT", help="read the runs from wandb instead of --results")
@@ -362,7 +362,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latex", action="store_true",
                    help="also write OUT/tables.tex, and print LaTeX instead of Markdown")
     p.add_argument("--out", default="runs/tables", metavar="OUT", help="output folder (default: %(default)s)")
-    p.add_argument("--std-floor", type=float, default=STD_FLOOR,
+    p.add_argument("--std-floor", type=non_negative_float, default=STD_FLOOR,
                    help="smallest std, in points, that the marker rule uses (default: %(default)s)")
     p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     return p.parse_args(argv)
@@ -370,6 +370,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_output_dir(args.out, "--out")
     source = args.wandb_project or args.results
     records = load_wandb(args.wandb_project) if args.wandb_project else load_file(args.results)
     if not records:

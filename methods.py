@@ -30,7 +30,8 @@ from tqdm import tqdm
 import datasets
 import models
 import ssd as ssd_lib
-from common import UserError, array_sha256
+from common import (UserError, array_sha256, non_negative_float, non_negative_int, number, positive_float,
+                    positive_int)
 from datasets import Splits
 from training import Recipe, autocast, loader, train, train_and_select
 
@@ -48,6 +49,10 @@ class RunContext:
     pretrained: bool  # whether the original started from pretrained weights (ViT)
     checkpoint_sha256: str | None
     importance_cache: str | None = None  # folder of cached I_D; None or "" turns the cache off
+
+
+MOMENTUM = number(float, 0, 1, high_open=True)
+SHARE = number(float, 0, 1)
 
 
 def hyper(default, help: str, **flag) -> field:
@@ -98,7 +103,7 @@ RETRAIN_EPOCHS = "retrain and retrain_paper: shorten the schedule to this many e
 
 @dataclass
 class RetrainParams:
-    retrain_epochs: int | None = hyper(None, RETRAIN_EPOCHS, type=int)
+    retrain_epochs: int | None = hyper(None, RETRAIN_EPOCHS, type=number(int, 0))
 
 
 @register(RetrainParams)
@@ -124,8 +129,9 @@ def _retrain_recipe(ctx: RunContext, epochs: int | None, **overrides) -> Recipe:
 
 @dataclass
 class RetrainPaperParams:
-    retrain_paper_lr: float = hyper(0.01, "retrain_paper: SGD learning rate (the paper code's fit_one_cycle value)")
-    retrain_epochs: int | None = hyper(None, RETRAIN_EPOCHS, type=int)
+    retrain_paper_lr: float = hyper(0.01, "retrain_paper: SGD learning rate (the paper code's fit_one_cycle value)",
+                                    type=positive_float)
+    retrain_epochs: int | None = hyper(None, RETRAIN_EPOCHS, type=number(int, 0))
 
 
 @register(RetrainPaperParams)
@@ -152,10 +158,10 @@ def _plain_recipe(epochs: int, lr: float, batch_size: int, optimizer: str = "sgd
 
 @dataclass
 class FinetuneParams:
-    finetune_epochs: int = hyper(5, "finetune: epochs on the retain set")
-    finetune_lr: float = hyper(0.02, "finetune: constant SGD learning rate")
-    finetune_momentum: float = hyper(0.9, "finetune: SGD momentum")
-    finetune_weight_decay: float = hyper(5e-4, "finetune: SGD weight decay")
+    finetune_epochs: int = hyper(5, "finetune: epochs on the retain set", type=positive_int)
+    finetune_lr: float = hyper(0.02, "finetune: constant SGD learning rate", type=positive_float)
+    finetune_momentum: float = hyper(0.9, "finetune: SGD momentum", type=MOMENTUM)
+    finetune_weight_decay: float = hyper(5e-4, "finetune: SGD weight decay", type=non_negative_float)
 
 
 @register(FinetuneParams)
@@ -190,11 +196,13 @@ def _random_subset(ds: Dataset, fraction: float, seed: int) -> Subset:
 
 @dataclass
 class BadTeacherParams:
-    bt_epochs: int = hyper(1, "bad_teacher: distillation epochs")
-    bt_lr: float = hyper(1e-4, "bad_teacher: Adam learning rate")
-    bt_batch_size: int = hyper(256, "bad_teacher: batch size (the paper code lowered it to 128 for ViT to fit in memory)")
-    bt_retain_fraction: float = hyper(0.3, "bad_teacher: random fraction of D_r distilled from the original model")
-    bt_temperature: float = hyper(1.0, "bad_teacher: KL temperature")
+    bt_epochs: int = hyper(1, "bad_teacher: distillation epochs", type=positive_int)
+    bt_lr: float = hyper(1e-4, "bad_teacher: Adam learning rate", type=positive_float)
+    bt_batch_size: int = hyper(256, "bad_teacher: batch size (the paper code lowered it to 128 for ViT to fit in "
+                                    "memory)", type=positive_int)
+    bt_retain_fraction: float = hyper(0.3, "bad_teacher: random fraction of D_r distilled from the original model",
+                                      type=SHARE)
+    bt_temperature: float = hyper(1.0, "bad_teacher: KL temperature", type=positive_float)
 
 
 @register(BadTeacherParams)
@@ -255,9 +263,9 @@ class Relabeled(Dataset):
 
 @dataclass
 class AmnesiacParams:
-    amnesiac_epochs: int = hyper(3, "amnesiac: epochs on relabelled D_f plus D_r")
-    amnesiac_lr: float = hyper(1e-4, "amnesiac: Adam learning rate")
-    amnesiac_batch_size: int = hyper(128, "amnesiac: batch size")
+    amnesiac_epochs: int = hyper(3, "amnesiac: epochs on relabelled D_f plus D_r", type=positive_int)
+    amnesiac_lr: float = hyper(1e-4, "amnesiac: Adam learning rate", type=positive_float)
+    amnesiac_batch_size: int = hyper(128, "amnesiac: batch size", type=positive_int)
 
 
 @register(AmnesiacParams)
@@ -323,24 +331,26 @@ def first_per_class(idx: np.ndarray, targets: np.ndarray, n: int) -> np.ndarray:
 class UnsirParams:
     unsir_noise_steps: int = hyper(25, "unsir: Adam steps that learn the noise (paper code: 25 full class, 250 "
                                        "sub-class; random, which the original lacks, takes 25)",
-                                   by_scenario={"sub_class": 250})
-    unsir_noise_lr: float = hyper(0.1, "unsir: Adam learning rate of the noise")
-    unsir_noise_l2: float = hyper(0.1, "unsir: weight of the noise's mean squared L2 norm")
+                                   by_scenario={"sub_class": 250}, type=non_negative_int)
+    unsir_noise_lr: float = hyper(0.1, "unsir: Adam learning rate of the noise", type=positive_float)
+    unsir_noise_l2: float = hyper(0.1, "unsir: weight of the noise's mean squared L2 norm",
+                                  type=non_negative_float)
     unsir_noise_batch: int = hyper(32, "unsir: noise images per noise target. Targets: the forgotten class (full "
                                        "class), the forgotten fine class's superclass (sub-class); for random "
                                        "forgetting, which the original does not define, every target among the "
                                        "forgotten samples gets its own noise, so nearly every class is impaired and "
-                                       "repaired")
-    unsir_noise_copies: int = hyper(80, "unsir: times each noise image appears in the impair epoch")
-    unsir_retain_per_class: int = hyper(500, "unsir: first samples of each target of D_r used to impair and repair")
+                                       "repaired", type=positive_int)
+    unsir_noise_copies: int = hyper(80, "unsir: times each noise image appears in the impair epoch", type=positive_int)
+    unsir_retain_per_class: int = hyper(500, "unsir: first samples of each target of D_r used to impair and repair",
+                                        type=positive_int)
     unsir_optimizer: str = hyper("sgd", "unsir: optimizer of impair and repair (the SSD paper's code used adam at "
                                         "1e-4 for both; UNSIR's own notebook adam at 0.02 and 0.01)",
                                  choices=["sgd", "adam"])
-    unsir_momentum: float = hyper(0.9, "unsir: SGD momentum (ignored by adam)")
-    unsir_lr: float = hyper(0.02, "unsir: impair learning rate (UNSIR paper)")
-    unsir_batch_size: int = hyper(32, "unsir: impair batch size")
-    unsir_repair_lr: float = hyper(0.01, "unsir: repair learning rate (UNSIR paper)")
-    unsir_repair_batch_size: int = hyper(128, "unsir: repair batch size")
+    unsir_momentum: float = hyper(0.9, "unsir: SGD momentum (ignored by adam)", type=MOMENTUM)
+    unsir_lr: float = hyper(0.02, "unsir: impair learning rate (UNSIR paper)", type=positive_float)
+    unsir_batch_size: int = hyper(32, "unsir: impair batch size", type=positive_int)
+    unsir_repair_lr: float = hyper(0.01, "unsir: repair learning rate (UNSIR paper)", type=positive_float)
+    unsir_repair_batch_size: int = hyper(128, "unsir: repair batch size", type=positive_int)
 
 
 @register(UnsirParams)
@@ -420,14 +430,15 @@ def _ssd(model: nn.Module, splits: Splits, hp, ctx: RunContext, variant: str):
     return model, {**info, **report.summary()}
 
 
-ALPHA = "SSD selection threshold: dampen where I_Df > alpha * I_D (default: the task script's SSD_PARAMS)"
+ALPHA = ("SSD selection threshold: dampen where I_Df > alpha * I_D; inf selects nothing (default: the task "
+         "script's SSD_PARAMS)")
 LAMBDA = "SSD dampening constant: multiply by min(lambda * I_D / I_Df, 1) (default: the task script's SSD_PARAMS)"
 
 
 @dataclass
 class SSDParams:
-    alpha: float | None = hyper(None, ALPHA, type=float)
-    lam: float | None = hyper(None, LAMBDA, type=float, flag="--lambda")
+    alpha: float | None = hyper(None, ALPHA, type=number(float, 0, inf=True))
+    lam: float | None = hyper(None, LAMBDA, type=non_negative_float, flag="--lambda")
     importance_order: str = hyper(
         "paper", "which samples share a batch in the importance passes (part of SSD's definition, since each "
                  "batch's mean gradient is squared). paper: the SSD code's unshuffled D = retain samples class by "
@@ -437,8 +448,8 @@ class SSDParams:
 
 @dataclass
 class PerSampleParams:  # per-sample importances do not depend on which samples share a batch
-    alpha: float | None = hyper(None, ALPHA, type=float)
-    lam: float | None = hyper(None, LAMBDA, type=float, flag="--lambda")
+    alpha: float | None = hyper(None, ALPHA, type=number(float, 0, inf=True))
+    lam: float | None = hyper(None, LAMBDA, type=non_negative_float, flag="--lambda")
 
 
 @register(SSDParams)

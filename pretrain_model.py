@@ -17,32 +17,35 @@ import datasets
 import models
 import training
 from torch.utils.data import Subset
-from common import (HelpFormatter, UserError, add_shared_flags, atomic_torch_save, atomic_write_json, file_sha256,
-                    git_commit, library_versions, make_deterministic, resolve_device, run_cli, seed_everything)
+from common import (ArgumentParser, HelpFormatter, UserError, add_shared_flags, atomic_torch_save, atomic_write_json,
+                    check_output_dir, file_sha256, git_commit, library_versions, make_deterministic,
+                    non_negative_float, non_negative_int, number, positive_float, positive_int, resolve_device,
+                    run_cli, seed_everything, seed_int)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
     add_shared_flags(p, "net", "dataset", "seed", dataset_help="training data (digits and digits5 are embedded "
                                                               "and need no download)",
                      seed_help="training seed (python, numpy, torch)")
-    a("--width", type=int, default=64, help="ResNet18 base width; 64 is the standard 11.2 M model")
+    a("--width", type=number(int, 1, 1024), default=64, help="ResNet18 base width; 64 is the standard 11.2 M model")
     a("--vit-config", default="base", choices=sorted(models.VIT_CONFIGS),
       help="ViT size: base is ViT-B/16 (ImageNet weights by name), tiny is offline and small")
     a("--vit-name", default=models.VIT_DEFAULT_NAME, help="pretrained ViT to fine-tune (with --vit-config base)")
     a("--no-pretrained", action="store_true", help="train a ViT-base from random weights instead")
-    a("--image-size", type=int, default=None, help="input size (default: 224 for ViT-base, else 32)")
-    a("--epochs", type=int, default=None, help="epochs (default: the paper's table for net and dataset)")
-    a("--milestones", type=int, nargs="*", default=None, help="epochs where lr is multiplied by --gamma")
-    a("--lr", type=float, default=None, help="SGD learning rate (default: 0.1, the paper's; 0.05 on digits)")
-    a("--momentum", type=float, default=None, help="SGD momentum (default: 0.9)")
-    a("--weight-decay", type=float, default=None, help="weight decay (default: 5e-4)")
-    a("--batch-size", "-b", type=int, default=None, help="training batch size (default: 64)")
-    a("--warmup-epochs", type=int, default=None, help="epochs of linear lr warm-up (default: 1)")
-    a("--gamma", type=float, default=None, help="lr factor at each milestone (default: 0.2)")
-    a("--val-fraction", type=float, default=0.1, help="stratified share of the training set held out for selection")
-    a("--split-seed", type=int, default=0, help="seed of the validation split (fixed, so every model shares it)")
+    a("--image-size", type=number(int, 8, 1024), default=None, help="input size (default: 224 for ViT-base, else 32)")
+    a("--epochs", type=positive_int, default=None, help="epochs (default: the paper's table for net and dataset)")
+    a("--milestones", type=positive_int, nargs="*", default=None, help="epochs where lr is multiplied by --gamma")
+    a("--lr", type=positive_float, default=None, help="SGD learning rate (default: 0.1, the paper's; 0.05 on digits)")
+    a("--momentum", type=number(float, 0, 1, high_open=True), default=None, help="SGD momentum (default: 0.9)")
+    a("--weight-decay", type=non_negative_float, default=None, help="weight decay (default: 5e-4)")
+    a("--batch-size", "-b", type=positive_int, default=None, help="training batch size (default: 64)")
+    a("--warmup-epochs", type=non_negative_int, default=None, help="epochs of linear lr warm-up (default: 1)")
+    a("--gamma", type=positive_float, default=None, help="lr factor at each milestone (default: 0.2)")
+    a("--val-fraction", type=number(float, 0, 1, high_open=True), default=0.1,
+      help="stratified share of the training set held out for selection")
+    a("--split-seed", type=seed_int, default=0, help="seed of the validation split (fixed, so every model shares it)")
     a("--select-on-test", action="store_true",
       help="the paper code's behaviour: no validation split, select the checkpoint on the test set")
     a("--out", default=None, help="output folder (default: <checkpoint-dir>/<net>-<dataset>-seed<seed>)")
@@ -56,9 +59,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> Path:
     args = parse_args(argv)
     out = Path(args.out or Path(args.checkpoint_dir) / f"{args.net}-{args.dataset}-seed{args.seed}")
-    if (out / "meta.json").exists() and (out / "model.pt").exists() and not args.force:
+    if (out / "meta.json").is_file() and (out / "model.pt").is_file() and not args.force:
         print(f"{out} already holds a checkpoint; nothing to do (--force retrains)")
         return out
+    check_output_dir(out, "--out")  # before anything trains: the checkpoint must have somewhere to go
+    for name in ("model.pt", "meta.json"):
+        if (out / name).is_dir():
+            raise UserError(f"--out: {out / name} is a folder (remove it, or pass another --out)")
     if args.deterministic:
         make_deterministic()
     seed_everything(args.seed)
@@ -67,6 +74,10 @@ def main(argv=None) -> Path:
     image_size = args.image_size or (224 if args.net == "vit" and args.vit_config == "base" else 32)
     if pretrained and image_size != 224:
         raise UserError(f"the pretrained ViT-B/16 takes 224x224 inputs, not {image_size} (drop --image-size)")
+    patch = models.VIT_CONFIGS[args.vit_config]["patch_size"]
+    if args.net == "vit" and image_size % patch:
+        raise UserError(f"ViT-{args.vit_config} cuts images into {patch}x{patch} patches, so --image-size "
+                        f"{image_size} does not fit (pass a multiple of {patch})")
     val_fraction = 0.0 if args.select_on_test else args.val_fraction
     data = datasets.build_data(args.dataset, args.data_dir, image_size, vit=args.net == "vit",
                                val_fraction=val_fraction, split_seed=args.split_seed, download=not args.no_download)

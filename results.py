@@ -3,19 +3,26 @@
 Appends take a file lock and replace the whole file atomically, so a killed run never leaves a
 partial line and two processes never interleave. A run's key is a hash of the config that defines
 it, which is how a restarted driver knows what is already done.
+
+JSON has no inf or NaN, yet a run may legitimately hold them (alpha = inf selects nothing). Such a
+value is written as null, and the record gains a top-level "nonfinite" object that maps the value's
+JSON pointer to its text, e.g. {"config": {"alpha": null}, "nonfinite": {"/config/alpha": "inf"}}.
+`read` puts the numbers back; any other JSON reader sees null, a missing value.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from common import atomic_write_bytes
+from common import UserError, atomic_write_bytes, check_output_dir, check_output_file
 
 def run_key(config: dict, defining: tuple[str, ...]) -> str:
     """A stable hash of the fields of `config` that define the run (runner.COMMON_KEY plus the method's
@@ -34,12 +41,12 @@ def read(path: str | Path) -> list[dict]:
     if not path.exists():
         return []
     records = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(path.read_bytes().splitlines(), 1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            records.append(restore_nonfinite(json.loads(line)))
+        except ValueError:  # bad JSON or bytes that are not UTF-8
             print(f"warning: {path}:{i} is not valid JSON; skipping that line", file=sys.stderr)
     return records
 
@@ -55,11 +62,87 @@ def done_keys(path: str | Path, key_of=None) -> set[str]:
     return keys
 
 
+def _pointer_part(key) -> str:
+    return str(key).replace("~", "~0").replace("/", "~1")
+
+
+def _strip_nonfinite(obj, pointer: str, found: dict):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        found[pointer] = str(obj)  # 'inf', '-inf' or 'nan': float() reads each back
+        return None
+    if isinstance(obj, dict):
+        return {k: _strip_nonfinite(v, f"{pointer}/{_pointer_part(k)}", found) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strip_nonfinite(v, f"{pointer}/{i}", found) for i, v in enumerate(obj)]
+    return obj
+
+
+def encode(record: dict, **dumps_args) -> str:
+    """One results line: strict JSON, with non-finite numbers moved to "nonfinite" (see the module doc)."""
+    found: dict[str, str] = {}
+    clean = _strip_nonfinite(record, "", found)
+    if found:
+        clean["nonfinite"] = found
+    return json.dumps(clean, sort_keys=True, allow_nan=False, **dumps_args) + "\n"
+
+
+def restore_nonfinite(record):
+    """The inverse of `encode`: put each value named in "nonfinite" back in its place."""
+    if not isinstance(record, dict) or not isinstance(record.get("nonfinite"), dict):
+        return record
+    record = dict(record)
+    for pointer, text in record.pop("nonfinite").items():
+        *parents, last = [p.replace("~1", "/").replace("~0", "~") for p in pointer.split("/")[1:]] or [None]
+        node = record
+        try:
+            for p in parents:
+                node = node[int(p) if isinstance(node, list) else p]
+            node[int(last) if isinstance(node, list) else last] = float(text)
+        except (KeyError, IndexError, TypeError, ValueError):
+            print(f"warning: cannot restore the non-finite value at {pointer}; it stays null", file=sys.stderr)
+    return record
+
+
+LOCK_WAIT_S = 30  # how long a run waits, before it starts, for another process's append to finish
+
+
+def check_writable(path: str | Path) -> None:
+    """Before a run: the results file can be appended to, its lock taken and its claims folder made."""
+    path = Path(path)
+    check_output_file(path, "--results")
+    check_output_dir(Path(str(path) + ".claims"), "--results")
+    lock_file = Path(str(path) + ".lock")
+    if lock_file.exists():  # a lock that does not exist yet is created in the folder checked above
+        try:
+            with _lock(path).acquire(timeout=LOCK_WAIT_S):
+                pass
+        except Timeout:
+            raise UserError(f"the lock {lock_file} has been held for {LOCK_WAIT_S} s (wait for the process "
+                            f"that writes {path}, or delete the lock file if none does)") from None
+        except OSError as e:
+            raise UserError(f"cannot take the lock {lock_file} ({e.strerror or type(e).__name__}) "
+                            f"(fix its permissions, or delete it if no process writes {path})") from None
+
+
+def save_fallback(record: dict, path: str | Path) -> Path | None:
+    """Keep a record whose results line could not be written: one line in a file of its own, beside the
+    results file, else in runs/logs, else in the temporary folder. Returns where, or None."""
+    name = f"unsaved-{record.get('key', 'run')}.jsonl"
+    line = encode(record, default=str).encode()  # default=str: even an odd value must not lose the rest
+    for folder in (Path(path).parent, Path("runs/logs"), Path(tempfile.gettempdir())):
+        try:
+            atomic_write_bytes(folder / name, line)
+            return folder / name
+        except OSError:
+            continue
+    return None
+
+
 def append(path: str | Path, record: dict) -> None:
     """Add one line under the lock; the old content is rewritten with the new line, then renamed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, sort_keys=True, allow_nan=False) + "\n"
+    line = encode(record)
     with _lock(path):
         old = path.read_bytes() if path.exists() else b""
         if old and not old.endswith(b"\n"):

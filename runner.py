@@ -22,8 +22,9 @@ import methods
 import metrics
 import models
 import results
-from common import (HelpFormatter, UserError, add_shared_flags, file_sha256, git_commit, library_versions,
-                    make_deterministic, resolve_device, run_cli, seed_everything)
+from common import (ArgumentParser, HelpFormatter, UserError, add_shared_flags, check_output_dir, file_sha256,
+                    fraction, git_commit, library_versions, make_deterministic, positive_int, resolve_device, run_cli,
+                    seed_everything, seed_int)
 
 DEFAULT_DATASET = {"full_class": "digits", "sub_class": "digits5", "random": "digits"}
 
@@ -37,7 +38,7 @@ SCRIPTS = {"full_class": "forget_full_class_main", "sub_class": "forget_sub_clas
 
 
 def build_parser(scenario: str, ssd_params: dict, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=description, formatter_class=HelpFormatter)
     a = p.add_argument
     add_shared_flags(p, "net", "dataset", dataset=DEFAULT_DATASET[scenario],
                      dataset_help="dataset the checkpoint was trained on (digits/digits5 are embedded and need no "
@@ -48,9 +49,9 @@ def build_parser(scenario: str, ssd_params: dict, description: str) -> argparse.
         a("--forget-class", "-forget_class", required=True, help=f"name or index of the {what} to forget")
     else:
         g = p.add_mutually_exclusive_group()
-        g.add_argument("--forget-count", type=int, default=None,
+        g.add_argument("--forget-count", type=positive_int, default=None,
                        help="number of random training samples to forget (default 100)")
-        g.add_argument("--forget-fraction", type=float, default=None,
+        g.add_argument("--forget-fraction", type=fraction, default=None,
                        help="fraction to forget, split as torch's random_split does: the paper's 0.00165 "
                             "gives 83 of 50,000 samples, not 100")
     a("--method", "-method", default="ssd", choices=sorted(methods.REGISTRY), help="unlearning method")
@@ -58,11 +59,11 @@ def build_parser(scenario: str, ssd_params: dict, description: str) -> argparse.
       help="model.pt of the original model (its meta.json lies beside it); by default the checkpoint "
            "whose metadata matches --net, --dataset and --model-seed is taken from --checkpoint-dir")
     add_shared_flags(p, "checkpoint_dir", "seed", seed_help="seeds python, numpy and torch; also the random split's seed")
-    a("--model-seed", type=int, default=None, help="training seed of the checkpoint to look up (default: --seed)")
-    a("--batch-size", "-b", type=int, default=128 if scenario == "random" else 64,
+    a("--model-seed", type=seed_int, default=None, help="training seed of the checkpoint to look up (default: --seed)")
+    a("--batch-size", "-b", type=positive_int, default=128 if scenario == "random" else 64,
       help="batch size of the importance passes and of methods that train (the paper code's -b: 64 for the "
            "class scenarios, 128 for random forgetting)")
-    a("--eval-batch-size", type=int, default=512, help="batch size of evaluation (metrics do not depend on it)")
+    a("--eval-batch-size", type=positive_int, default=512, help="batch size of evaluation (metrics do not depend on it)")
     add_shared_flags(p, "device", "data_dir", "no_download", "results")
     a("--force", action="store_true", help="run even if this exact run is already in the results file")
     a("--importance-cache", default="runs/importance_cache", help="folder of cached full-data importances")
@@ -217,6 +218,10 @@ def plan(scenario: str, ssd_params: dict, argv: list[str] | None = None, descrip
     hp = method.params(**{name: getattr(args, name) for name in method.param_names})
     if args.model_seed is None:
         args.model_seed = args.seed
+    # every output is checked before the checkpoint and the data are loaded: a bad path costs no run
+    results.check_writable(args.results)
+    if args.importance_cache:
+        check_output_dir(args.importance_cache, "--importance-cache")
     weights = Path(args.weights) if args.weights else find_checkpoint(args.checkpoint_dir, args.net, args.dataset,
                                                                      args.model_seed)
     if weights.is_dir():
@@ -308,7 +313,7 @@ def _run_claimed(p: Plan) -> dict:
               "git": git_commit(), "versions": library_versions(), "started": started,
               "host": socket.gethostname(),
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    results.append(args.results, record)
+    _record(record, args.results)
     dampened = f"  dampened {100 * info['dampened_fraction']:.3f}%" if "dampened_fraction" in info else ""
     print(f"Df {_fmt(m['df'])}  retain-test {_fmt(m['retain_test_acc'])}  test {_fmt(m['test_acc'])}  "
           f"MIA {_fmt(m['mia'])}  ZRF {m.get('zrf', float('nan')):.3f}{dampened}  method {method_s:.2f}s  "
@@ -325,6 +330,21 @@ def _run_claimed(p: Plan) -> dict:
     except Exception as e:  # the results line is already safe; tracking must not lose it
         print(f"warning: wandb logging failed: {type(e).__name__}: {e}", file=sys.stderr)
     return record
+
+
+def _record(record: dict, path: str) -> None:
+    """Append the results line; if that fails for any reason, the finished result goes to a file of its own."""
+    try:
+        results.append(path, record)
+    except Exception as e:
+        problem = f"the result could not be appended to {path} ({type(e).__name__}: {e})"
+        saved = results.save_fallback(record, path)
+        if saved is None:  # nowhere to write at all: the line goes to the terminal, the one place left
+            print(results.encode(record, default=str), end="")
+            raise UserError(f"{problem}; no file could be written, so the record is printed above "
+                            f"(copy that line into {path} once it is writable)") from None
+        raise UserError(f"{problem}; the record is saved in {saved} "
+                        f"(make {path} writable, then: cat {saved} >> {path})") from None
 
 
 def _fmt(x) -> str:

@@ -269,8 +269,8 @@ def test_corrupt_checkpoint(tiny_checkpoint, tmp_path, kept_results, keep_hash):
 
 @pytest.mark.parametrize("flags", [["--alpha", "-1"], ["--lambda", "-0.5"]])
 def test_negative_alpha_or_lambda(tiny_checkpoint, tmp_path, kept_results, flags):
-    _expect_user_error("must be >= 0", "full_class", tiny_checkpoint, tmp_path, kept_results,
-                       "--forget-class", "one", *flags)
+    _expect_user_error(r"--(alpha|lambda): -[\d.]+ is out of range \(pass a number >= 0", "full_class",
+                       tiny_checkpoint, tmp_path, kept_results, "--forget-class", "one", *flags)
 
 
 def test_missing_dataset_directory_without_download(tmp_path):

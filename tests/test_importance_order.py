@@ -1,6 +1,5 @@
 """SSD's importance batches: the paper's order against the paper code's own loaders, built here
 independently, and what a run records about its selection."""
-import argparse
 import dataclasses
 
 import numpy as np

@@ -10,7 +10,6 @@ import pytest
 
 import experiments
 import methods
-import results
 import runner
 from common import UserError
 from conftest import SSD_PARAMS
