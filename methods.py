@@ -128,10 +128,9 @@ def _retrain_recipe(ctx: RunContext, epochs: int | None, **overrides) -> Recipe:
 
 
 @dataclass
-class RetrainPaperParams:
+class RetrainPaperParams(RetrainParams):
     retrain_paper_lr: float = hyper(0.01, "retrain_paper: SGD learning rate (the paper code's fit_one_cycle value)",
                                     type=positive_float)
-    retrain_epochs: int | None = hyper(None, RETRAIN_EPOCHS, type=number(int, 0))
 
 
 @register(RetrainPaperParams)
@@ -436,20 +435,18 @@ LAMBDA = "SSD dampening constant: multiply by min(lambda * I_D / I_Df, 1) (defau
 
 
 @dataclass
-class SSDParams:
+class PerSampleParams:  # per-sample importances do not depend on which samples share a batch
     alpha: float | None = hyper(None, ALPHA, type=number(float, 0, inf=True))
     lam: float | None = hyper(None, LAMBDA, type=non_negative_float, flag="--lambda")
+
+
+@dataclass
+class SSDParams(PerSampleParams):
     importance_order: str = hyper(
         "paper", "which samples share a batch in the importance passes (part of SSD's definition, since each "
                  "batch's mean gradient is squared). paper: the SSD code's unshuffled D = retain samples class by "
                  "class, then the forget samples, which caps I_Df/I_D near |D|/|D_f|; shuffled: D and D_f "
                  "shuffled, no cap, so the same alpha dampens far more", choices=list(datasets.IMPORTANCE_ORDERS))
-
-
-@dataclass
-class PerSampleParams:  # per-sample importances do not depend on which samples share a batch
-    alpha: float | None = hyper(None, ALPHA, type=number(float, 0, inf=True))
-    lam: float | None = hyper(None, LAMBDA, type=non_negative_float, flag="--lambda")
 
 
 @register(SSDParams)

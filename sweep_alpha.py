@@ -36,7 +36,7 @@ import methods
 import runner
 import ssd
 from common import HelpFormatter, UserError, add_shared_flags, file_sha256, resolve_device, run_cli, seed_everything
-from training import predict
+from training import accuracy
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -94,8 +94,7 @@ def outcome(df: float, retain: float, original_retain: float, original_df: float
 
 
 def _accuracy(model: torch.nn.Module, ds, device: torch.device) -> float:
-    logits, y = predict(model, ds, device, desc="eval")
-    return 100.0 * float((logits.argmax(1) == y).float().mean())
+    return 100.0 * accuracy(model, ds, device)
 
 
 def sweep_request(p: runner.Plan, args, device: torch.device) -> list[dict]:

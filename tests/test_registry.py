@@ -20,21 +20,23 @@ FLAGS = {"full_class": ["--forget-class", "three"], "sub_class": ["--forget-clas
 
 
 @pytest.fixture
-def toy_method(monkeypatch):
-    """A method with one hyperparameter, registered at run time exactly as methods.py registers its own."""
+def add_toy_method(monkeypatch):
+    """Registers, when called, a method with one hyperparameter exactly as methods.py registers its own;
+    the registry is restored afterwards."""
     monkeypatch.setattr(methods, "REGISTRY", dict(methods.REGISTRY))
 
-    @dataclass
-    class ToyParams:
-        toy_scale: float = methods.hyper(0.5, "toy: factor applied to every weight")
+    def add():
+        @dataclass
+        class ToyParams:
+            toy_scale: float = methods.hyper(0.5, "toy: factor applied to every weight")
 
-    @methods.register(ToyParams)
-    def toy(model, splits, hp, ctx):
-        for p in model.parameters():
-            p.data.mul_(hp.toy_scale)
-        return model, {"scaled": hp.toy_scale}
+        @methods.register(ToyParams)
+        def toy(model, splits, hp, ctx):
+            for p in model.parameters():
+                p.data.mul_(hp.toy_scale)
+            return model, {"scaled": hp.toy_scale}
 
-    return toy
+    return add
 
 
 def argv_for(ckpt: Path, tmp_path: Path, scenario: str, method: str, *extra: str) -> list[str]:
@@ -43,23 +45,19 @@ def argv_for(ckpt: Path, tmp_path: Path, scenario: str, method: str, *extra: str
             *FLAGS[scenario], *extra]
 
 
-def test_a_new_method_gets_its_flag_everywhere_and_changes_no_existing_key(tiny_checkpoint, tmp_path, monkeypatch):
+def test_a_new_method_gets_its_flag_everywhere_and_changes_no_existing_key(add_toy_method, tiny_checkpoint,
+                                                                          tmp_path):
     before = {(s, m): runner.plan(s, SSD_PARAMS, argv_for(tiny_checkpoint, tmp_path, s, m)).key
               for s in ("full_class", "random") for m in ("baseline", "ssd", "finetune", "unsir")}
-    monkeypatch.setattr(methods, "REGISTRY", dict(methods.REGISTRY))
-
-    @dataclass
-    class ToyParams:
-        toy_scale: float = methods.hyper(0.5, "toy: factor applied to every weight")
-
-    methods.register(ToyParams)(lambda model, splits, hp, ctx: (model, {}))
+    add_toy_method()
     for scenario in FLAGS:
         assert "--toy-scale" in runner.build_parser(scenario, SSD_PARAMS, "").format_help()
     after = {(s, m): runner.plan(s, SSD_PARAMS, argv_for(tiny_checkpoint, tmp_path, s, m)).key for s, m in before}
     assert after == before
 
 
-def test_a_toy_method_runs_end_to_end_with_its_own_hyperparameter(toy_method, tiny_checkpoint, tmp_path):
+def test_a_toy_method_runs_end_to_end_with_its_own_hyperparameter(add_toy_method, tiny_checkpoint, tmp_path):
+    add_toy_method()
     record = runner.run("full_class", SSD_PARAMS, argv_for(tiny_checkpoint, tmp_path, "full_class", "toy",
                                                              "--toy-scale", "0.25"))
     assert record["config"]["toy_scale"] == 0.25 and record["method_info"] == {"scaled": 0.25}
@@ -85,7 +83,7 @@ def _old_rule_record(p: runner.Plan) -> dict:
     return {"key": key, "config": config, "metrics": {"df": 0.0}, "times": {"method_s": 1.0}}
 
 
-def test_results_written_under_the_old_key_rule_still_count_as_done(toy_method, tiny_checkpoint, tmp_path):
+def test_results_written_under_the_old_key_rule_still_count_as_done(add_toy_method, tiny_checkpoint, tmp_path):
     argv = ["cpu", "--table", "digits_full_resnet", "--seeds", "0", "--methods", "baseline ssd finetune",
             "--results", str(tmp_path / "r.jsonl"), "--checkpoint-dir", str(tiny_checkpoint.parent),
             "--classes", "three one", "--extra", "--wandb disabled"]
@@ -96,7 +94,8 @@ def test_results_written_under_the_old_key_rule_still_count_as_done(toy_method, 
     old = [_old_rule_record(p) for p in planned]
     assert all(o["key"] != p.key for o, p in zip(old, planned))  # the rule did change
     (tmp_path / "r.jsonl").write_text("".join(json.dumps(o) + "\n" for o in old))
-    assert experiments.todo(args, runs) == []  # toy_method added a flag: still nothing to redo
+    add_toy_method()
+    assert experiments.todo(args, runs) == []  # a new method's flag: still nothing to redo
     for r in runs:
         assert runner.run("full_class", SSD_PARAMS, r.argv + ["--device", "cpu"]) is None
 
