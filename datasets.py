@@ -15,7 +15,6 @@ import numpy as np
 import torch
 import torchvision
 from PIL import Image
-from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset, Subset
 from torchvision import transforms as T
 
@@ -143,6 +142,7 @@ def _load_cifar(cls, root: Path, download: bool):
 def digits_arrays(image_size: int = 32, test_fraction: float = 0.25, split_seed: int = 0):
     """sklearn's 8x8 digits as RGB uint8 images of `image_size`, with a fixed stratified split."""
     from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
 
     d = load_digits()
     x = torch.from_numpy(d.images).float().unsqueeze(1) / 16.0  # (N, 1, 8, 8) in [0, 1]
@@ -202,6 +202,8 @@ def build_data(name: str, data_dir: str | Path = "data", image_size: int | None 
     `image_size` defaults to the data's native size (32). The validation split depends only on
     (dataset, val_fraction, split_seed), so a checkpoint's split can be rebuilt from its metadata.
     """
+    from sklearn.model_selection import train_test_split  # about 0.7 s to import: only where a split is made
+
     if name not in DATASETS:
         raise UserError(f"unknown dataset {name!r} (choose one of {', '.join(DATASETS)})")
     if not 0 <= val_fraction < 1:
