@@ -235,11 +235,9 @@ class Worker:
         self.proc.stdout.close()
 
 
-def execute(args, commands: list[tuple[str, list[str]]], walls: dict | None = None) -> list[tuple[str, str, str]]:
+def execute(args, commands: list[tuple[str, list[str]]]) -> list[tuple[str, str, str]]:
     """Run (label, [script, flags...]) commands, one at a time per device slot; return the failures
-    as (label, command, why).
-
-    `walls`, if given, receives each label's wall time in seconds, as seen from the driver."""
+    as (label, command, why)."""
     jobs: queue.Queue = queue.Queue()
     for c in commands:
         jobs.put(c)
@@ -277,8 +275,7 @@ def execute(args, commands: list[tuple[str, list[str]]], walls: dict | None = No
                         with open(log, "a") as f:
                             f.write(f"\n{why}\n")
                         worker = None
-                if walls is not None:
-                    walls[label] = time.perf_counter() - t0
+                wall = time.perf_counter() - t0
                 if rc != 0:
                     with lock:
                         failures.append((label, shlex.join([sys.executable, *full]), why))
@@ -287,7 +284,7 @@ def execute(args, commands: list[tuple[str, list[str]]], walls: dict | None = No
                     lines = log.read_text().splitlines()
                     summary = next((ln for ln in reversed(lines) if ln.startswith(("Df ", "skip:", "saved "))), "")
                     if summary:
-                        print(f"    {label}: {summary}", flush=True)
+                        print(f"    {label}: {summary} [wall {wall:.2f}s]", flush=True)
         finally:
             if worker is not None:
                 worker.close()
