@@ -289,7 +289,9 @@ def execute(args, commands: list[tuple[str, list[str]]]) -> list[tuple[str, str,
             if worker is not None:
                 worker.close()
 
-    threads = [threading.Thread(target=slot_loop, args=(s,)) for s in args.slots]
+    # daemon threads: on Ctrl-C the driver exits instead of starting the next runs, and its workers,
+    # whose stdin then closes, stop too
+    threads = [threading.Thread(target=slot_loop, args=(s,), daemon=True) for s in args.slots]
     for t in threads:
         t.start()
     for t in threads:
@@ -342,17 +344,21 @@ def serve() -> None:
             torch.use_deterministic_algorithms(switches[0], warn_only=switches[1])
             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = switches[2:]
 
+    def redirect(out: int, err: int) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(out, 1)
+        os.dup2(err, 2)
+
     threading.Thread(target=read_jobs, daemon=True).start()
     while True:
         job = jobs.get()
         with open(job["log"], "a") as log:
-            sys.stdout.flush(), sys.stderr.flush()
-            os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
+            redirect(log.fileno(), log.fileno())
             try:
                 rc = run_one(job["cmd"])
             finally:
-                sys.stdout.flush(), sys.stderr.flush()
-                os.dup2(console[0], 1), os.dup2(console[1], 2)
+                redirect(*console)
         replies.write(json.dumps({"rc": rc}) + "\n")
 
 
