@@ -94,13 +94,22 @@ def resolve_device(name: str):
 
 
 def library_versions() -> dict:
-    import sklearn
-    import torch
-    import torchvision
-    import transformers
+    """Versions from the package metadata, so recording them imports nothing (transformers alone takes
+    about 0.5 s). A module already imported gives its own __version__, which keeps torch's build tag
+    (e.g. 2.14.1+cu130) that the metadata lacks."""
+    import sys
+    from importlib import metadata
 
-    return {"torch": torch.__version__, "torchvision": torchvision.__version__,
-            "transformers": transformers.__version__, "sklearn": sklearn.__version__,
+    def version(module: str, dist: str) -> str | None:
+        if module in sys.modules:
+            return sys.modules[module].__version__
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {"torch": version("torch", "torch"), "torchvision": version("torchvision", "torchvision"),
+            "transformers": version("transformers", "transformers"), "sklearn": version("sklearn", "scikit-learn"),
             "numpy": np.__version__}
 
 

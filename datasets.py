@@ -15,7 +15,6 @@ import numpy as np
 import torch
 import torchvision
 from PIL import Image
-from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset, Subset
 from torchvision import transforms as T
 
@@ -143,6 +142,7 @@ def _load_cifar(cls, root: Path, download: bool):
 def digits_arrays(image_size: int = 32, test_fraction: float = 0.25, split_seed: int = 0):
     """sklearn's 8x8 digits as RGB uint8 images of `image_size`, with a fixed stratified split."""
     from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
 
     d = load_digits()
     x = torch.from_numpy(d.images).float().unsqueeze(1) / 16.0  # (N, 1, 8, 8) in [0, 1]
@@ -290,6 +290,8 @@ def check_image_folder(folder: Path) -> None:
 
 def _stratified_split(idx: np.ndarray, test_size: float, labels: np.ndarray, seed: int, what: str):
     """train_test_split stratified by `labels`, with its refusals turned into one clear error."""
+    from sklearn.model_selection import train_test_split  # about 0.7 s to import: only where a split is made
+
     try:
         return train_test_split(idx, test_size=test_size, stratify=labels[idx], random_state=seed)
     except ValueError as e:

@@ -5,16 +5,22 @@
     python experiments.py 0,1,2,3                      # the paper grid over four GPUs
     python experiments.py --print-commands --table cifar20_sub_vit   # for SLURM / GNU parallel
 
-Every run is a subprocess of a forget_*_main.py script. Runs already in the results file are
+Each device slot gets one persistent worker process, which imports the suite once and then runs
+the forget_*_main.py scripts in-process, one after the other, exactly as `python <script>` would
+(fresh seeding, a freshly loaded model and a new results line per run); it keeps only the loaded
+datasets and checkpoint weights between runs. A worker that dies is replaced and its run reported
+as failed. --isolate starts a new process per run instead. Runs already in the results file are
 skipped (by their key, a hash of the full config), and a run that another driver is executing is
 skipped too (an OS file lock per key), so restarted or concurrent drivers never repeat a cell.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import queue
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -101,6 +107,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--print-commands", action="store_true",
                    help="print one shell command per run and run nothing (pretraining commands go to stderr)")
     p.add_argument("--no-tables", action="store_true", help="do not print the tables at the end")
+    p.add_argument("--isolate", action="store_true",
+                   help="a new process per run instead of one persistent worker per device slot: slower to "
+                        "start each run (imports, wandb), but nothing at all is shared between runs")
     p.add_argument("--extra", default=env("EXTRA", ""), help="extra flags for every forget run, e.g. '--wandb disabled'")
     args = p.parse_args(argv)
     unknown = [t for t in args.table or [] if t not in TABLES]
@@ -200,8 +209,51 @@ def todo(args, runs: list[Run]) -> list[Run]:
     return left
 
 
-def execute(args, commands: list[tuple[str, list[str]]]) -> list[tuple[str, str, int]]:
-    """Run (label, [script, flags...]) commands, one at a time per device slot; return the failures."""
+def describe_exit(rc: int) -> str:
+    if rc >= 0:
+        return f"exit {rc}"
+    try:
+        name = signal.Signals(-rc).name
+    except ValueError:
+        name = f"signal {-rc}"
+    hint = " (the out-of-memory killer sends SIGKILL)" if -rc == signal.SIGKILL else ""
+    return f"killed by {name}{hint}"
+
+
+class Worker:
+    """The driver's handle on one persistent worker (`python experiments.py --worker`, see serve):
+    one JSON line per job on its stdin, one JSON line per result on its stdout."""
+
+    def __init__(self, env: dict):
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "experiments.py"), "--worker"], cwd=HERE, env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def run(self, cmd: list[str], log: Path) -> int | None:
+        """The run's exit status, as the script would have returned it; None if the worker died."""
+        try:
+            self.proc.stdin.write(json.dumps({"cmd": cmd, "log": str(log)}) + "\n")
+            self.proc.stdin.flush()
+            reply = self.proc.stdout.readline()
+        except OSError:  # the pipe broke: the worker is gone
+            reply = ""
+        if reply:
+            return json.loads(reply)["rc"]
+        self.proc.wait()
+        return None
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self) -> None:
+        """Closing stdin ends the worker's loop."""
+        self.proc.stdin.close()
+        self.proc.wait()
+        self.proc.stdout.close()
+
+
+def execute(args, commands: list[tuple[str, list[str]]]) -> list[tuple[str, str, str]]:
+    """Run (label, [script, flags...]) commands, one at a time per device slot; return the failures
+    as (label, command, why)."""
     jobs: queue.Queue = queue.Queue()
     for c in commands:
         jobs.put(c)
@@ -209,38 +261,121 @@ def execute(args, commands: list[tuple[str, list[str]]]) -> list[tuple[str, str,
     counter = {"started": 0}
     Path(args.logs).mkdir(parents=True, exist_ok=True)
 
-    def worker(slot: str):
+    def slot_loop(slot: str):
         env, device_flags = device_env(slot, args.slots.count("cpu"))
-        while True:
-            try:
-                label, cmd = jobs.get_nowait()
-            except queue.Empty:
-                return
-            full = [sys.executable, *cmd, *device_flags]
-            with lock:
-                counter["started"] += 1
-                print(f"[{counter['started']}/{total}] {slot}: {label}", flush=True)
-            log = Path(args.logs) / (label.replace(" ", "_").replace("/", "-") + ".log")
-            with open(log, "w") as f:
-                f.write(shlex.join(full) + "\n")
-                f.flush()
-                rc = subprocess.run(full, cwd=HERE, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
-            if rc != 0:
+        worker = None
+        try:
+            while True:
+                try:
+                    label, cmd = jobs.get_nowait()
+                except queue.Empty:
+                    return
+                full = [*cmd, *device_flags]
                 with lock:
-                    failures.append((label, shlex.join(full), rc))
-                    print(f"FAILED ({rc}): {label}; see {log}", flush=True)
-            else:
-                lines = log.read_text().splitlines()
-                summary = next((ln for ln in reversed(lines) if ln.startswith(("Df ", "skip:", "saved "))), "")
-                if summary:
-                    print(f"    {label}: {summary}", flush=True)
+                    counter["started"] += 1
+                    print(f"[{counter['started']}/{total}] {slot}: {label}", flush=True)
+                log = Path(args.logs) / (label.replace(" ", "_").replace("/", "-") + ".log")
+                log.write_text(shlex.join([sys.executable, *full]) + "\n")  # the command heads its log
+                t0 = time.perf_counter()
+                if args.isolate:
+                    with open(log, "a") as f:
+                        rc = subprocess.run([sys.executable, *full], cwd=HERE, env=env, stdout=f,
+                                            stderr=subprocess.STDOUT).returncode
+                    why = describe_exit(rc)
+                else:
+                    if worker is None or not worker.alive():
+                        worker = Worker(env)
+                    rc = worker.run(full, log)
+                    why = describe_exit(rc) if rc is not None else f"worker died: {describe_exit(worker.proc.returncode)}"
+                    if rc is None:  # the run died with its worker; the next run gets a new one
+                        with open(log, "a") as f:
+                            f.write(f"\n{why}\n")
+                        worker = None
+                wall = time.perf_counter() - t0
+                if rc != 0:
+                    with lock:
+                        failures.append((label, shlex.join([sys.executable, *full]), why))
+                        print(f"FAILED ({why}): {label}; see {log}", flush=True)
+                else:
+                    lines = log.read_text().splitlines()
+                    summary = next((ln for ln in reversed(lines) if ln.startswith(("Df ", "skip:", "saved "))), "")
+                    if summary:
+                        print(f"    {label}: {summary} [wall {wall:.2f}s]", flush=True)
+        finally:
+            if worker is not None:
+                worker.close()
 
-    threads = [threading.Thread(target=worker, args=(s,)) for s in args.slots]
+    # daemon threads: on Ctrl-C the driver exits instead of starting the next runs, and its workers,
+    # whose stdin then closes, stop too
+    threads = [threading.Thread(target=slot_loop, args=(s,), daemon=True) for s in args.slots]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     return failures
+
+
+def serve() -> None:
+    """The worker loop: import the suite once, then execute one job per line of stdin, in-process, as
+    `python <script> <flags>` would (runpy runs the script as __main__; `-c CODE` runs CODE), with
+    the run's stdout and stderr, down to the file descriptors, appended to its log. Replies
+    {"rc": status} on the original stdout. A run that raises is logged and the loop goes on.
+
+    When stdin closes, the worker exits at once, also in the middle of a run: the driver is gone, and
+    an interrupted run leaves what a killed script leaves (atomic writes, released claims)."""
+    import runpy
+    import traceback
+
+    import torch
+
+    runner.SHARED = {"data": {}, "weights": {}}
+    replies = os.fdopen(os.dup(1), "w", buffering=1)
+    console = os.dup(1), os.dup(2)
+    switches = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    jobs: queue.Queue = queue.Queue()
+
+    def read_jobs():
+        for line in sys.stdin:
+            jobs.put(json.loads(line))
+        os._exit(0)
+
+    def run_one(cmd: list[str]) -> int:
+        sys.argv = ["-c", *cmd[2:]] if cmd[0] == "-c" else list(cmd)
+        try:
+            if cmd[0] == "-c":
+                exec(compile(cmd[1], "<string>", "exec"), {"__name__": "__main__"})
+            else:
+                runpy.run_path(cmd[0], run_name="__main__")
+            return 0
+        except SystemExit as e:
+            if e.code is None or isinstance(e.code, int):
+                return e.code or 0
+            print(e.code, file=sys.stderr)
+            return 1
+        except Exception:
+            traceback.print_exc()
+            return 1
+        finally:  # --deterministic changes process-wide switches; the next run starts from the defaults
+            torch.use_deterministic_algorithms(switches[0], warn_only=switches[1])
+            torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = switches[2:]
+
+    def redirect(out: int, err: int) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(out, 1)
+        os.dup2(err, 2)
+
+    threading.Thread(target=read_jobs, daemon=True).start()
+    while True:
+        job = jobs.get()
+        with open(job["log"], "a") as log:
+            redirect(log.fileno(), log.fileno())
+            try:
+                rc = run_one(job["cmd"])
+            finally:
+                redirect(*console)
+        replies.write(json.dumps({"rc": rc}) + "\n")
 
 
 def main(argv=None) -> int:
@@ -267,11 +402,14 @@ def main(argv=None) -> int:
     print(f"finished in {time.time() - t0:.0f}s")
     if failures:
         print(f"{len(failures)} runs failed:")
-        for label, cmd, rc in failures:
-            print(f"  exit {rc}: {label}\n    {cmd}")
+        for label, cmd, why in failures:
+            print(f"  {why}: {label}\n    {cmd}")
         return 1
     return 0
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    if sys.argv[1:] == ["--worker"]:  # started by execute(), one per device slot
+        serve()
+    else:
+        run_cli(main)

@@ -296,28 +296,43 @@ class NoiseImages(Dataset):
         return self.noise[j], int(self.targets[j]), -1
 
 
+# Noise images per forward pass while learning UNSIR's noise: whole targets at a time, about the
+# memory of a training batch, so a ViT with many noise targets still fits on one GPU.
+NOISE_IMAGES_PER_PASS = 128
+
+
 def _unsir_noise(model: nn.Module, noise_targets: list[int], shape: tuple, hp: "UnsirParams", ctx: RunContext):
     """UNSIR's error-maximising noise, one batch per target: Adam on the noise to raise the
     cross-entropy towards the target, with an L2 penalty that keeps it bounded. The model stays in
     eval mode, so batch norm neither normalises with the noise's statistics nor stores them (the
-    original ran this in train mode, which overwrote the running statistics with the noise's)."""
+    original ran this in train mode, which overwrote the running statistics with the noise's).
+
+    All targets are learned together, in passes of whole targets. In eval mode no sample sees
+    another, the loss is the sum over targets of each target's own means, and Adam is elementwise,
+    so each noise element follows the same path as when the targets were learned one after the
+    other (the original's order), up to float rounding."""
     model.eval()
     gen = torch.Generator().manual_seed(ctx.seed)
-    batches = []
-    for t in noise_targets:
-        noise = torch.randn(hp.unsir_noise_batch, *shape, generator=gen).to(ctx.device).requires_grad_(True)
-        y = torch.full((hp.unsir_noise_batch,), t, dtype=torch.long, device=ctx.device)
-        opt = torch.optim.Adam([noise], lr=hp.unsir_noise_lr)
-        for _ in tqdm(range(hp.unsir_noise_steps), desc=f"unsir noise for {t}", leave=False, mininterval=2):
+    n = hp.unsir_noise_batch
+    noise = torch.cat([torch.randn(n, *shape, generator=gen) for _ in noise_targets]).to(ctx.device)
+    targets = torch.tensor(noise_targets, dtype=torch.long).repeat_interleave(n)
+    y = targets.to(ctx.device)
+    per_pass = n * max(1, NOISE_IMAGES_PER_PASS // n)
+    opt = torch.optim.Adam([noise], lr=hp.unsir_noise_lr)
+    for _ in tqdm(range(hp.unsir_noise_steps), desc=f"unsir noise for {len(noise_targets)} targets", leave=False,
+                  mininterval=2):
+        grads = []
+        for part, part_y in zip(noise.split(per_pass), y.split(per_pass)):
+            part = part.detach().requires_grad_(True)
             with autocast(ctx.device, ctx.amp):
-                logits = model(noise)
-            l2 = noise.pow(2).flatten(1).sum(dim=1).mean()
-            loss = -F.cross_entropy(logits.float(), y) + hp.unsir_noise_l2 * l2
-            noise.grad, = torch.autograd.grad(loss, [noise])  # gradients for the noise only, none for the model
-            opt.step()
-        batches.append(noise.detach().cpu())
-    targets = torch.tensor(noise_targets, dtype=torch.long).repeat_interleave(hp.unsir_noise_batch)
-    return torch.cat(batches), targets
+                logits = model(part)
+            # per target: -mean cross-entropy + l2 * mean squared norm; summed over the targets
+            ce = F.cross_entropy(logits.float(), part_y, reduction="sum") / n
+            l2 = part.pow(2).sum() / n
+            grads += torch.autograd.grad(-ce + hp.unsir_noise_l2 * l2, [part])  # the noise only, not the model
+        noise.grad = torch.cat(grads)
+        opt.step()
+    return noise.cpu(), targets
 
 
 def first_per_class(idx: np.ndarray, targets: np.ndarray, n: int) -> np.ndarray:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.linear_model import LogisticRegression
 from torch import nn
 
 from datasets import Splits
@@ -29,6 +28,8 @@ def membership_attack(member_logits: torch.Tensor, nonmember_logits: torch.Tenso
                       target_logits: torch.Tensor) -> float:
     """The SSD paper's MIA: logistic regression on entropy, trained on members (retain-train) against
     non-members (test); the result is the fraction of the target (forget-train) predicted 'member'."""
+    from sklearn.linear_model import LogisticRegression
+
     x = np.concatenate([entropy(member_logits), entropy(nonmember_logits)])[:, None]
     y = np.concatenate([np.ones(len(member_logits)), np.zeros(len(nonmember_logits))])
     clf = LogisticRegression(class_weight="balanced", solver="lbfgs")

@@ -1,8 +1,12 @@
 """The driver and the results file: run keys, resume, locking, fan-out, command printing."""
 import multiprocessing as mp
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import experiments
 import methods
@@ -80,7 +84,7 @@ def test_unknown_table_is_a_one_line_error():
 
 
 def test_two_cpu_slots_run_two_runs_at_once(tmp_path):
-    args = experiments.parse_args(["cpu,cpu", "--logs", str(tmp_path / "logs")])
+    args = experiments.parse_args(["cpu,cpu", "--isolate", "--logs", str(tmp_path / "logs")])
     stamp = "import sys, time; t=time.time(); time.sleep(1.5); open(sys.argv[1], 'w').write(f'{t} {time.time()}')"
     commands = [(f"job{i}", ["-c", stamp, str(tmp_path / f"t{i}")]) for i in range(2)]
     failures = experiments.execute(args, commands)
@@ -89,14 +93,89 @@ def test_two_cpu_slots_run_two_runs_at_once(tmp_path):
     assert s1 < e0 and s0 < e1  # the two intervals overlap
 
 
-def test_failures_are_reported_and_the_rest_still_runs(tmp_path):
-    args = experiments.parse_args(["cpu", "--logs", str(tmp_path / "logs")])
+@pytest.mark.parametrize("isolate", [True, False], ids=["isolate", "worker"])
+def test_failures_are_reported_and_the_rest_still_runs(tmp_path, isolate):
+    args = experiments.parse_args(["cpu", "--logs", str(tmp_path / "logs")] + (["--isolate"] if isolate else []))
     commands = [("bad", ["-c", "import sys; sys.exit(3)"]),
+                ("raises", ["-c", "raise RuntimeError('boom')"]),
                 ("good", ["-c", f"open({str(tmp_path / 'ok')!r}, 'w')"])]
     failures = experiments.execute(args, commands)
-    assert [(label, rc) for label, _, rc in failures] == [("bad", 3)]
+    assert [(label, why) for label, _, why in failures] == [("bad", "exit 3"), ("raises", "exit 1")]
     assert (tmp_path / "ok").exists()
     assert "import sys" in (tmp_path / "logs" / "bad.log").read_text()  # the log holds the command
+    raised = (tmp_path / "logs" / "raises.log").read_text()
+    assert "raise RuntimeError" in raised.splitlines()[0] and "RuntimeError: boom" in raised  # and the traceback
+
+
+def test_a_worker_that_dies_is_replaced_and_its_run_marked_failed(tmp_path):
+    args = experiments.parse_args(["cpu", "--logs", str(tmp_path / "logs")])
+    pid = "import os; open({!r}, 'w').write(str(os.getpid()))"
+    commands = [("first", ["-c", pid.format(str(tmp_path / "first"))]),
+                ("raises", ["-c", pid.format(str(tmp_path / "raises")) + "; raise ValueError('bad run')"]),
+                ("victim", ["-c", pid.format(str(tmp_path / "victim")) + "; import signal; os.kill(os.getpid(), signal.SIGKILL)"]),
+                ("after", ["-c", pid.format(str(tmp_path / "after"))])]
+    failures = experiments.execute(args, commands)
+    assert [(label, why) for label, _, why in failures] == [
+        ("raises", "exit 1"), ("victim", "worker died: killed by SIGKILL (the out-of-memory killer sends SIGKILL)")]
+    pids = {name: (tmp_path / name).read_text() for name in ("first", "raises", "victim", "after")}
+    assert pids["first"] == pids["raises"] == pids["victim"] != pids["after"]  # one worker until it died
+    assert pids["first"] != str(os.getpid())  # and it was not the driver
+    assert "worker died: killed by SIGKILL" in (tmp_path / "logs" / "victim.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def digits5_checkpoint(tmp_path_factory) -> Path:
+    import pretrain_model
+
+    return pretrain_model.main(["--dataset", "digits5", "--width", "4", "--image-size", "16", "--epochs", "1",
+                                "--milestones", "--seed", "0", "--checkpoint-dir", str(tmp_path_factory.mktemp("d5")),
+                                "--device", "cpu"])
+
+
+SMALL = ["--retrain-epochs", "1", "--finetune-epochs", "1", "--unsir-noise-steps", "3", "--unsir-noise-batch", "4",
+         "--unsir-noise-copies", "2", "--unsir-retain-per-class", "5"]
+
+
+def test_a_run_in_the_worker_writes_the_line_its_script_writes(tiny_checkpoint, digits5_checkpoint, tmp_path,
+                                                                monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the same threads, so the same float sums, in both processes
+    results_path, cache = tmp_path / "r.jsonl", tmp_path / "cache"
+    common = ["--results", str(results_path), "--importance-cache", str(cache), "--wandb", "disabled", "--seed", "1",
+              "--device", "cpu", *SMALL]
+    runs = {  # one run per scenario, with methods that train, learn noise and use the importance cache
+        "forget_full_class_main.py": ["--weights", str(tiny_checkpoint / "model.pt"), "--forget-class", "three",
+                                      "--method", "ssd"],
+        "forget_sub_class_main.py": ["--dataset", "digits5", "--weights", str(digits5_checkpoint / "model.pt"),
+                                     "--forget-class", "three", "--method", "unsir"],
+        "forget_random_main.py": ["--weights", str(tiny_checkpoint / "model.pt"), "--forget-count", "20",
+                                  "--method", "bad_teacher"],
+    }
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    for script, argv in runs.items():
+        out = subprocess.run([sys.executable, script, *argv, *common], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+    by_script = results.read(results_path)
+    results_path.unlink()
+    shutil.rmtree(cache)
+
+    # the worker runs something else first, so whatever a run leaves behind in the process would show
+    warm_up = ["--weights", str(tiny_checkpoint / "model.pt"), "--forget-count", "30", "--method", "finetune",
+               "--seed", "4", "--results", str(tmp_path / "other.jsonl"), "--wandb", "disabled", *SMALL]
+    args = experiments.parse_args(["cpu", "--logs", str(tmp_path / "logs")])
+    commands = [("warm-up", ["forget_random_main.py", *warm_up])]
+    commands += [(script, [script, *argv, *common]) for script, argv in runs.items()]
+    assert experiments.execute(args, commands) == []
+    by_worker = results.read(results_path)
+
+    def comparable(record: dict) -> dict:
+        return {k: v for k, v in record.items() if k not in ("times", "started")}
+
+    assert len(by_script) == len(by_worker) == 3
+    assert [r["config"]["scenario"] for r in by_worker] == ["full_class", "sub_class", "random"]
+    for script_line, worker_line in zip(by_script, by_worker):
+        assert comparable(worker_line) == comparable(script_line)
+        assert worker_line["times"].keys() == script_line["times"].keys()
 
 
 def test_resume_skips_runs_already_in_the_results_file(tiny_checkpoint, tmp_path):

@@ -12,12 +12,14 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import datasets
+import experiments
 import forget_random_main
 import methods
 import results
@@ -92,6 +94,122 @@ def test_killed_forget_runs_leave_valid_results_and_the_next_run_completes_once(
     assert runner.run("random", SSD_PARAMS, argv) is None  # a completed run is skipped
     assert "skip:" in capsys.readouterr().out
     assert path.read_bytes() == before
+
+
+def start_worker() -> subprocess.Popen:
+    """A persistent worker, as the driver starts one per device slot."""
+    return subprocess.Popen([sys.executable, "experiments.py", "--worker"], cwd=ROOT, env=CHILD_ENV,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def wait_for_line(path: Path, starts: tuple[str, ...], timeout: float = 120) -> str:
+    """Poll a run's log until a line starts with one of `starts`; return that line."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+        found = next((ln for ln in lines if ln.startswith(starts)), None)
+        if found:
+            return found
+        time.sleep(0.02)
+    raise AssertionError(f"no line starting with {starts} in {path} after {timeout} s")
+
+
+def test_a_worker_killed_mid_run_leaves_valid_results_and_the_next_run_completes_once(tiny_checkpoint, tmp_path):
+    rng = random.Random(3)
+    argv = argv_for(tiny_checkpoint, tmp_path, "--forget-count", "12", "--method", "ssd", "--seed", "1")
+    key = runner.plan("random", SSD_PARAMS, argv).key
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"key": "earlier", "metrics": {}}\n')
+    worker = start_worker()
+    try:
+        # two runs of the same kind that complete, into another results file (the second finds I_D
+        # cached, as the killed runs may): the worker then holds the data and weights, and the second
+        # tells how long a run takes after its first line, which is where the kills aim
+        warm = argv_for(tiny_checkpoint, tmp_path, "--forget-count", "12", "--method", "ssd", "--seed", "1",
+                        results_name="warm.jsonl")
+        for i in range(2):
+            log = tmp_path / f"warm{i}.log"
+            worker.stdin.write(json.dumps({"cmd": ["forget_random_main.py", *warm, "--force"], "log": str(log)}) + "\n")
+            worker.stdin.flush()
+            wait_for_line(log, ("random: ssd",))
+            t0 = time.monotonic()
+            assert json.loads(worker.stdout.readline()) == {"rc": 0}
+            run_s = time.monotonic() - t0
+        mid_run = 0
+        for i in range(4):
+            log = tmp_path / f"run{i}.log"
+            worker.stdin.write(json.dumps({"cmd": ["forget_random_main.py", *argv], "log": str(log)}) + "\n")
+            worker.stdin.flush()
+            done = key in results.done_keys(path)
+            if wait_for_line(log, ("random: ssd", "skip:")).startswith("skip:"):
+                assert done, "the run was skipped before it was done"
+            else:
+                time.sleep(rng.uniform(0.0, run_s))  # in the importances, the eval or the append
+            worker.kill()  # mid-run, or just after the run if it finished within the delay
+            worker.wait()
+            mid_run += key not in results.done_keys(path)
+            records = check_jsonl(path)
+            assert [r["key"] for r in records if r["key"] != key] == ["earlier"]
+            assert sum(r["key"] == key for r in records) <= 1
+            worker = start_worker()
+        assert mid_run, "no kill landed before the run was done; nothing was tested"
+        log = tmp_path / "final.log"
+        worker.stdin.write(json.dumps({"cmd": ["forget_random_main.py", *argv], "log": str(log)}) + "\n")
+        worker.stdin.flush()
+        assert json.loads(worker.stdout.readline()) == {"rc": 0}, log.read_text()[-2000:]
+    finally:
+        worker.kill()
+        worker.wait()
+    records = check_jsonl(path)
+    assert sorted(r["key"] for r in records) == sorted(["earlier", key])
+
+
+def test_killing_the_driver_at_random_points_then_restarting_runs_each_cell_once(tiny_checkpoint, tmp_path):
+    """The driver is killed alone (its worker must notice and stop) or with its worker (the whole
+    process group, as a job scheduler or the OOM killer of a container would), while a run is in flight."""
+    rng = random.Random(5)
+    results_path = tmp_path / "r.jsonl"
+    argv = ["cpu", "--table", "digits_full_resnet", "--seeds", "0", "--methods", "baseline ssd finetune",
+            "--classes", "three four", "--results", str(results_path), "--checkpoint-dir", str(tiny_checkpoint.parent),
+            "--logs", str(tmp_path / "logs"), "--no-tables",
+            "--extra", f"--wandb disabled --finetune-epochs 1 --importance-cache {tmp_path / 'cache'}"]
+    args = experiments.parse_args(argv)
+    runs = experiments.expand(args, experiments.select_tables(args))
+    keys = {runner.plan("full_class", SSD_PARAMS, r.argv + ["--device", "cpu"]).key for r in runs}
+    assert len(keys) == len(runs) == 6
+    mid_run = 0
+    for whole_group in [True, False, True, False]:
+        driver = subprocess.Popen([sys.executable, "experiments.py", *argv], cwd=ROOT, env=CHILD_ENV, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+        target, label = rng.randint(1, 2), None  # kill during the target-th run of this attempt, at a random moment
+        for line in driver.stdout:
+            if line.startswith(f"[{target}/"):
+                label = line.split(": ", 1)[1].strip()
+                time.sleep(rng.uniform(0.0, 0.5))
+                break
+        if whole_group:
+            os.killpg(driver.pid, signal.SIGKILL)
+        else:
+            driver.kill()
+        driver.wait()
+        printed = driver.stdout.read()
+        driver.stdout.close()
+        mid_run += label is not None and f"    {label}: " not in printed  # the run had not reported back
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # a worker whose driver is gone stops by itself
+            try:
+                os.killpg(driver.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the worker outlived its driver")
+        done = [r["key"] for r in check_jsonl(results_path)]
+        assert len(done) == len(set(done)) and set(done) <= keys
+    assert mid_run, "no kill landed in the middle of a run; nothing was tested"
+    assert experiments.main(argv) == 0  # the restart finishes what is left
+    done = [r["key"] for r in check_jsonl(results_path)]
+    assert sorted(done) == sorted(keys)
 
 
 APPENDER = """

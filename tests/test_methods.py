@@ -279,6 +279,38 @@ def test_unsir_learns_noise_without_touching_batch_norm_statistics(tiny_splits, 
     assert (repair_recipe.lr, repair_recipe.epochs) == (0.01, 1) and repair is impair.datasets[1]
 
 
+def _noise_one_target_at_a_time(model, noise_targets, shape, hp, seed):
+    """The reference: each target's noise learned alone, by its own Adam, as the original did."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for t in noise_targets:
+        noise = torch.randn(hp.unsir_noise_batch, *shape, generator=gen).requires_grad_(True)
+        y = torch.full((hp.unsir_noise_batch,), t, dtype=torch.long)
+        opt = torch.optim.Adam([noise], lr=hp.unsir_noise_lr)
+        for _ in range(hp.unsir_noise_steps):
+            l2 = noise.pow(2).flatten(1).sum(dim=1).mean()
+            loss = -torch.nn.functional.cross_entropy(model(noise), y) + hp.unsir_noise_l2 * l2
+            noise.grad, = torch.autograd.grad(loss, [noise])
+            opt.step()
+        out.append(noise.detach())
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("per_pass", [8, 16, 1000], ids=["one-target-per-pass", "two-per-pass", "all-in-one-pass"])
+def test_unsir_noise_learned_together_equals_one_target_at_a_time(monkeypatch, per_pass):
+    hp, ctx = method_args("unsir", "random", 5, **{**SMALL, "unsir_noise_steps": 6}, seed=3)
+    model = trained_like(ctx.model_spec)
+    monkeypatch.setattr(methods, "NOISE_IMAGES_PER_PASS", per_pass)
+    targets = [0, 2, 3, 4]
+    noise, noise_y = methods._unsir_noise(model, targets, (3, 8, 8), hp, ctx)
+    expected = _noise_one_target_at_a_time(model, targets, (3, 8, 8), hp, ctx.seed)
+    assert noise_y.tolist() == [t for t in targets for _ in range(hp.unsir_noise_batch)]
+    gen = torch.Generator().manual_seed(ctx.seed)
+    start = torch.randn(noise.shape, generator=gen)
+    assert (noise - start).abs().mean() > 0.01  # the noise was learned, not left as drawn
+    torch.testing.assert_close(noise, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_unsir_noise_steps_default_depends_on_the_scenario():
     steps = {s: runner.build_parser(s, SSD_PARAMS, "").parse_args(a).unsir_noise_steps
              for s, (_, a) in SCENARIOS.items()}
