@@ -11,6 +11,7 @@ scenario it is in.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from argparse import Namespace
 
@@ -26,7 +27,7 @@ import models
 import ssd as ssd_lib
 from common import UserError, array_sha256
 from datasets import Splits
-from training import Recipe, autocast, loader, train, train_and_select
+from training import Recipe, autocast, loader, predict, train, train_and_select
 
 REGISTRY = {}
 
@@ -333,3 +334,145 @@ def ssd_per_sample(model: nn.Module, splits: Splits, cfg: Namespace):
     CIFAR-10), and an alpha at or above that bound selects nothing. The batch-mean estimate has no
     such bound, because gradients of mixed batches of D cancel and shrink I_D."""
     return _ssd(model, splits, cfg, "ssd_per_sample")
+
+
+@register
+def assd(model: nn.Module, splits: Splits, cfg: Namespace):
+    """Adaptive SSD (Schoepf, Foster, Brintrup 2024, arXiv 2402.10098): SSD with alpha chosen per request.
+
+    alpha is the p-th percentile (numpy's linear interpolation) of I_Df / I_D over every parameter
+    element with a finite ratio, p = 100 - ln(1 + 100 |D_f| / |D|), and lambda = 1: about 0.7% of the
+    elements are dampened when D_f is 1% of D, 2.4% when it is 10%. I_D is computed on D, as SSD does
+    (cached, in --importance-order), where ASSD's notebook uses the retain set."""
+    imp_full, imp_forget, info = ssd_importances(model, splits, cfg, "ssd")
+    percentile = 100 - math.log(1 + 100 / info["ratio_cap"])  # ratio_cap = |D| / |D_f|
+    ratios = ssd_lib.importance_ratios(imp_full, imp_forget)
+    if len(ratios) == 0:
+        raise UserError("no parameter element has a finite I_Df / I_D, so ASSD cannot choose alpha "
+                        "(the full-data importances are all zero: check the model)")
+    alpha = float(np.percentile(ratios, percentile))
+    report = ssd_lib.dampen(model, imp_full, imp_forget, alpha, 1.0)
+    return model, {**info, **report.summary(), "chosen_alpha": alpha, "percentile": percentile, "lambda": 1.0}
+
+
+SEARCH_START_DIVISOR = 25  # Potion's first selection fraction: (|D_f| / |D|) / 25
+SEARCH_GROWTH = 1.1  # Potion's step: the fraction grows by 10%
+GUARD_SAMPLES = 2000  # retain-validation images the guard evaluates at each step
+
+
+def search_fractions(start: float, growth: float, max_steps: int) -> np.ndarray:
+    """Potion's grid of selection fractions: start * growth**k for k = 0, 1, ..., below 1, at most max_steps."""
+    fractions = start * growth ** np.arange(max_steps)
+    return fractions[fractions < 1]
+
+
+def search_grid(probe, steps: int, strategy: str = "gallop") -> tuple[int | None, str, int]:
+    """Walk a grid of increasing dampening strengths 0..steps-1; returns (chosen step, status, probes).
+
+    `probe(k)` dampens a copy at step k and returns (target met, guard passed). The walk stops at
+    the first step that meets the target (target_reached) or fails the guard (guard_hit: the step
+    before it is chosen, None when that is no step at all, i.e. the original model). If no step does
+    either, the last step is chosen (target_unreachable).
+    geometric: Potion's walk, probing 0, 1, 2, ... in turn.
+    gallop: probes 0, 1, 3, 7, ... until one stops, then bisects the last gap: the same step in about
+      2 log2(k) probes when "target met or guard failed" is monotone in k (forget and retain accuracy
+      fall with the fraction dampened, near enough; a one-sample wobble can move the answer a step).
+    """
+    if steps < 1:
+        raise UserError("the search grid is empty (pass --search-max-steps >= 1)")
+    if strategy not in ("gallop", "geometric"):
+        raise UserError(f"unknown search strategy {strategy!r} (choose gallop or geometric)")
+    seen = {}
+
+    def stops(k: int) -> bool:
+        seen[k] = probe(k)
+        return seen[k][0] or not seen[k][1]
+
+    below, k = -1, 0  # below: the last step probed that passed the guard and missed the target (-1: none)
+    while not stops(k):
+        below = k
+        if k == steps - 1:
+            return k, "target_unreachable", len(seen)
+        k = k + 1 if strategy == "geometric" else min(2 * k + 1, steps - 1)
+    stop = k
+    while stop - below > 1:  # geometric never enters: its gap is always one step
+        mid = (below + stop) // 2
+        if stops(mid):
+            stop = mid
+        else:
+            below = mid
+    if seen[stop][1]:
+        return stop, "target_reached", len(seen)
+    return (below if below >= 0 else None), "guard_hit", len(seen)
+
+
+def _guard_subset(ds: Subset, n: int = GUARD_SAMPLES) -> Subset:
+    """A fixed (seed 0) random subset of at most n items of `ds`, so each step's guard costs a bounded pass."""
+    if len(ds) <= n:
+        return ds
+    pick = np.sort(np.random.default_rng(0).choice(len(ds), n, replace=False))
+    return Subset(ds.dataset, [ds.indices[i] for i in pick])
+
+
+def _accuracy(model: nn.Module, ds: Dataset, cfg: Namespace) -> float:
+    logits, y = predict(model, ds, cfg.device, cfg.eval_batch_size, cfg.amp, desc="search eval")
+    return 100.0 * float((logits.argmax(1) == y).float().mean())
+
+
+@register
+def ssd_search(model: nn.Module, splits: Splits, cfg: Namespace):
+    """Potion's search for alpha (Schoepf, Foster, Brintrup 2024, arXiv 2406.09173), with a target
+    that needs no test data and a guard on the retained classes.
+
+    The importances are computed once (as ssd: I_D cached, --importance-order). On Potion's grid of
+    selection fractions s = (|D_f| / |D|) / 25 * 1.1**k below 1 (at most --search-max-steps), alpha is
+    the (1 - s) quantile of I_Df / I_D (ssd.alpha_for_fraction) and lambda is 1; each step dampens a
+    fresh copy of the original model. The search stops at the first step that meets the target:
+    - class scenarios: forget-train accuracy <= --search-rho x the original's;
+    - random forgetting: forget-train accuracy <= the original's accuracy on the validation images,
+      which is what a model that never saw D_f scores.
+    The guard evaluates a fixed subset of at most 2,000 retain-validation images at each step and
+    never accepts a step more than --search-max-retain-drop points below the original's accuracy there.
+    Status: target_reached; guard_hit (the guard stopped the search first: the last step it passed
+    is returned, or the original model if none did); target_unreachable (no step meets the target
+    and every step passed the guard, e.g. D_f has zero gradients, so nothing is selected or beta = 1:
+    the last step is returned). --search-strategy gallop (see search_grid) finds the step Potion's
+    walk (geometric) finds in fewer probes. Only D_f and the validation split are evaluated, never
+    the test set."""
+    rho, max_drop = cfg.search_rho, cfg.search_max_retain_drop
+    max_steps, strategy = cfg.search_max_steps, cfg.search_strategy
+    imp_full, imp_forget, info = ssd_importances(model, splits, cfg, "ssd")
+    t0 = time.perf_counter()
+    guard = _guard_subset(splits.retain_val)
+    if len(guard) == 0:
+        raise UserError("ssd_search needs validation images for its guard, and the checkpoint has none "
+                        "(pretrain with a validation fraction above 0)")
+    forget0, retain0 = _accuracy(model, splits.forget_train, cfg), _accuracy(model, guard, cfg)
+    target = rho * forget0 if splits.forget_classes or splits.scenario != "random" else retain0
+    floor = retain0 - max_drop
+    fractions = search_fractions(1 / info["ratio_cap"] / SEARCH_START_DIVISOR, SEARCH_GROWTH, max_steps)
+    ratios = ssd_lib.importance_ratios(imp_full, imp_forget)
+    # the same numbers as ssd.alpha_for_fraction(s) for each s, from one sort of the ratios
+    alphas = np.percentile(ratios, 100 * (1 - fractions)) if len(ratios) else np.full(len(fractions), np.inf)
+    accuracies = {}
+
+    def probe(k: int) -> tuple[bool, bool]:
+        trial = copy.deepcopy(model)
+        ssd_lib.dampen(trial, imp_full, imp_forget, float(alphas[k]), 1.0)
+        accuracies[k] = _accuracy(trial, splits.forget_train, cfg), _accuracy(trial, guard, cfg)
+        return accuracies[k][0] <= target, accuracies[k][1] >= floor
+
+    if forget0 <= target:  # nothing to do: the original already scores what the target asks
+        chosen, status, probes = None, "target_reached", 0
+    else:
+        chosen, status, probes = search_grid(probe, len(fractions), strategy)
+    alpha = float(alphas[chosen]) if chosen is not None else float("inf")
+    report = ssd_lib.dampen(model, imp_full, imp_forget, alpha, 1.0)
+    forget_acc, retain_acc = accuracies[chosen] if chosen is not None else (forget0, retain0)
+    return model, {**info, **report.summary(), "search_status": status, "search_steps": probes,
+                   "search_strategy": strategy, "search_grid": len(fractions),
+                   "chosen_alpha": alpha if chosen is not None else None,
+                   "selection_fraction": float(fractions[chosen]) if chosen is not None else 0.0,
+                   "lambda": 1.0, "original_forget_train_acc": forget0, "forget_train_acc": forget_acc,
+                   "target_forget_train_acc": target, "original_retain_val_acc": retain0,
+                   "retain_val_acc": retain_acc, "guard_samples": len(guard), "search_s": time.perf_counter() - t0}
