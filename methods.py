@@ -459,8 +459,11 @@ def ssd_search(model: nn.Module, splits: Splits, cfg: Namespace):
     def probe(k: int) -> tuple[bool, bool]:
         trial = copy.deepcopy(model)
         ssd_lib.dampen(trial, imp_full, imp_forget, float(alphas[k]), 1.0)
-        accuracies[k] = _accuracy(trial, splits.forget_train, cfg), _accuracy(trial, guard, cfg)
-        return accuracies[k][0] <= target, accuracies[k][1] >= floor
+        retain = _accuracy(trial, guard, cfg)
+        if retain < floor:  # the guard decides alone: the forget pass can be skipped
+            return False, False
+        accuracies[k] = _accuracy(trial, splits.forget_train, cfg), retain
+        return accuracies[k][0] <= target, True
 
     if forget0 <= target:  # nothing to do: the original already scores what the target asks
         chosen, status, probes = None, "target_reached", 0
