@@ -30,7 +30,7 @@ from common import ArgumentParser, UserError, check_output_dir, non_negative_flo
 SHORT_SCENARIO = {"full_class": "full", "sub_class": "sub", "random": "random"}
 SHORT_NET = {"resnet18": "resnet", "vit": "vit"}
 METHOD_ORDER = ["baseline", "retrain", "retrain_paper", "finetune", "bad_teacher", "amnesiac", "unsir",
-                "ssd", "lfssd", "ssd_per_sample"]
+                "ssd", "lfssd", "ssd_per_sample", "assd", "ssd_search"]
 COLUMNS = {"df": "Df", "retain_test_acc": "Dr", "test_acc": "Test", "mia": "MIA", "method_s": "Time (s)",
            "dampened_pct": "Dampened (%)"}
 ONLY_SOME = {"dampened_pct"}  # SSD-family rows only: other methods show a dash, not a missing value

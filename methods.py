@@ -16,6 +16,7 @@ no method asks which scenario it is in.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field, fields
 from typing import Callable
@@ -33,7 +34,7 @@ import ssd as ssd_lib
 from common import (UserError, array_sha256, non_negative_float, non_negative_int, number, positive_float,
                     positive_int)
 from datasets import Splits
-from training import Recipe, autocast, loader, train, train_and_select
+from training import Recipe, autocast, loader, predict, train, train_and_select
 
 
 @dataclass
@@ -455,13 +456,18 @@ class PerSampleParams:  # per-sample importances do not depend on which samples 
     lam: float | None = hyper(None, LAMBDA, type=non_negative_float, flag="--lambda")
 
 
+def order_hyper() -> field:
+    """--importance-order, shared by every method that computes SSD's batch-mean importances."""
+    return hyper("paper", "which samples share a batch in the importance passes (part of SSD's definition, since "
+                          "each batch's mean gradient is squared). paper: the SSD code's unshuffled D = retain samples "
+                          "class by class, then the forget samples, which caps I_Df/I_D near |D|/|D_f|; shuffled: D "
+                          "and D_f shuffled, no cap, so the same alpha dampens far more",
+                 choices=list(datasets.IMPORTANCE_ORDERS))
+
+
 @dataclass
 class SSDParams(PerSampleParams):
-    importance_order: str = hyper(
-        "paper", "which samples share a batch in the importance passes (part of SSD's definition, since each "
-                 "batch's mean gradient is squared). paper: the SSD code's unshuffled D = retain samples class by "
-                 "class, then the forget samples, which caps I_Df/I_D near |D|/|D_f|; shuffled: D and D_f "
-                 "shuffled, no cap, so the same alpha dampens far more", choices=list(datasets.IMPORTANCE_ORDERS))
+    importance_order: str = order_hyper()
 
 
 @register(SSDParams)
@@ -491,3 +497,125 @@ def ssd_per_sample(model: nn.Module, splits: Splits, hp: PerSampleParams, ctx: R
     CIFAR-10), and an alpha at or above that bound selects nothing. The batch-mean estimate has no
     such bound, because gradients of mixed batches of D cancel and shrink I_D."""
     return _ssd(model, splits, hp, ctx, "ssd_per_sample")
+
+
+@dataclass
+class AssdParams:
+    importance_order: str = order_hyper()
+
+
+@register(AssdParams)
+def assd(model: nn.Module, splits: Splits, hp: AssdParams, ctx: RunContext):
+    """Adaptive SSD (Schoepf, Foster, Brintrup 2024, arXiv 2402.10098): SSD with alpha chosen per request.
+
+    alpha is the p-th percentile (numpy's linear interpolation) of I_Df / I_D over every parameter
+    element with a finite ratio, p = 100 - ln(1 + 100 |D_f| / |D|), and lambda = 1: about 0.7% of the
+    elements are dampened when D_f is 1% of D, 2.4% when it is 10%. I_D is computed on D, as SSD does
+    (cached, in --importance-order), where ASSD's notebook uses the retain set."""
+    imp_full, imp_forget, info = ssd_importances(model, splits, hp.importance_order, ctx, "ssd")
+    percentile = 100 - math.log(1 + 100 / info["ratio_cap"])  # ratio_cap = |D| / |D_f|
+    ratios = ssd_lib.importance_ratios(imp_full, imp_forget)
+    if len(ratios) == 0:
+        raise UserError("no parameter element has a finite I_Df / I_D, so ASSD cannot choose alpha "
+                        "(the full-data importances are all zero: check the model)")
+    alpha = float(np.percentile(ratios, percentile))
+    report = ssd_lib.dampen(model, imp_full, imp_forget, alpha, 1.0)
+    return model, {**info, **report.summary(), "chosen_alpha": alpha, "percentile": percentile, "lambda": 1.0}
+
+
+SEARCH_START_DIVISOR = 25  # Potion's first selection fraction: (|D_f| / |D|) / 25
+SEARCH_GROWTH = 1.1  # Potion's step: the fraction grows by 10%
+GUARD_SAMPLES = 2000  # retain-validation images the guard evaluates at each step
+
+
+def _guard_subset(ds: Subset, n: int = GUARD_SAMPLES) -> Subset:
+    """A fixed (seed 0) random subset of at most n items of `ds`, so each step's guard costs a bounded pass."""
+    if len(ds) <= n:
+        return ds
+    pick = np.sort(np.random.default_rng(0).choice(len(ds), n, replace=False))
+    return Subset(ds.dataset, [ds.indices[i] for i in pick])
+
+
+def _accuracy(model: nn.Module, ds: Dataset, ctx: RunContext) -> float:
+    logits, y = predict(model, ds, ctx.device, amp=ctx.amp, desc="search eval")
+    return 100.0 * int((logits.argmax(1) == y).sum()) / max(len(y), 1)  # exact: the target is compared with it
+
+
+@dataclass
+class SearchParams:
+    search_rho: float = hyper(0.1, "ssd_search: class scenarios stop once forget-train accuracy <= rho x the "
+                                   "original's (random forgetting stops at the original's validation accuracy "
+                                   "instead)", type=SHARE)
+    search_max_retain_drop: float = hyper(5.0, "ssd_search: the guard; no step may fall more than this many points "
+                                               "below the original's accuracy on (at most 2,000 of) the "
+                                               "retain-validation images", type=non_negative_float)
+    search_max_steps: int = hyper(500, "ssd_search: most selection fractions on Potion's grid (|D_f|/|D|/25 x "
+                                       "1.1^k, below 1)", type=positive_int)
+    search_strategy: str = hyper("gallop", "ssd_search: geometric is Potion's walk up the grid one step at a "
+                                           "time; gallop probes steps 0, 1, 3, 7, ... and bisects the last gap, "
+                                           "which finds the same step in fewer probes when forget and retain "
+                                           "accuracy fall monotonically with the dampened fraction",
+                                 choices=["gallop", "geometric"])
+    importance_order: str = order_hyper()
+
+
+@register(SearchParams)
+def ssd_search(model: nn.Module, splits: Splits, hp: SearchParams, ctx: RunContext):
+    """Potion's search for alpha (Schoepf, Foster, Brintrup 2024, arXiv 2406.09173), with a target
+    that needs no test data and a guard on the retained classes.
+
+    The importances are computed once (as ssd: I_D cached, --importance-order). On Potion's grid of
+    selection fractions s = (|D_f| / |D|) / 25 * 1.1**k below 1 (at most --search-max-steps), alpha is
+    the (1 - s) quantile of I_Df / I_D (ssd.alpha_for_fraction) and lambda is 1; each step dampens a
+    fresh copy of the original model. The search stops at the first step that meets the target:
+    - class scenarios: forget-train accuracy <= --search-rho x the original's;
+    - random forgetting: forget-train accuracy <= the original's accuracy on the validation images,
+      which is what a model that never saw D_f scores.
+    The guard evaluates a fixed subset of at most 2,000 retain-validation images at each step and
+    never accepts a step more than --search-max-retain-drop points below the original's accuracy there.
+    Status: target_reached; guard_hit (the guard stopped the search first: the last step it passed
+    is returned, or the original model if none did); target_unreachable (no step meets the target
+    and every step passed the guard, e.g. D_f has zero gradients, so nothing is selected or beta = 1:
+    the last step is returned). --search-strategy gallop (see search_grid) finds the step Potion's
+    walk (geometric) finds in fewer probes. Only D_f and the validation split are evaluated, never
+    the test set."""
+    rho, max_drop = hp.search_rho, hp.search_max_retain_drop
+    max_steps, strategy = hp.search_max_steps, hp.search_strategy
+    imp_full, imp_forget, info = ssd_importances(model, splits, hp.importance_order, ctx, "ssd")
+    t0 = time.perf_counter()
+    guard = _guard_subset(splits.retain_val)
+    if len(guard) == 0:
+        raise UserError("ssd_search needs validation images for its guard, and the checkpoint has none "
+                        "(pretrain with a validation fraction above 0)")
+    forget0, retain0 = _accuracy(model, splits.forget_train, ctx), _accuracy(model, guard, ctx)
+    target = rho * forget0 if splits.forget_classes or splits.scenario != "random" else retain0
+    floor = retain0 - max_drop
+    fractions = ssd_lib.search_fractions(1 / info["ratio_cap"] / SEARCH_START_DIVISOR, SEARCH_GROWTH, max_steps)
+    ratios = ssd_lib.importance_ratios(imp_full, imp_forget)
+    # the same numbers as ssd.alpha_for_fraction(s) for each s, from one sort of the ratios
+    alphas = np.percentile(ratios, 100 * (1 - fractions)) if len(ratios) else np.full(len(fractions), np.inf)
+    accuracies = {}
+
+    def probe(k: int) -> tuple[bool, bool]:
+        trial = copy.deepcopy(model)
+        ssd_lib.dampen(trial, imp_full, imp_forget, float(alphas[k]), 1.0)
+        retain = _accuracy(trial, guard, ctx)
+        if retain < floor:  # the guard decides alone: the forget pass can be skipped
+            return False, False
+        accuracies[k] = _accuracy(trial, splits.forget_train, ctx), retain
+        return accuracies[k][0] <= target, True
+
+    if forget0 <= target:  # nothing to do: the original already scores what the target asks
+        chosen, status, probes = None, "target_reached", 0
+    else:
+        chosen, status, probes = ssd_lib.search_grid(probe, len(fractions), strategy)
+    alpha = float(alphas[chosen]) if chosen is not None else float("inf")
+    report = ssd_lib.dampen(model, imp_full, imp_forget, alpha, 1.0)
+    forget_acc, retain_acc = accuracies[chosen] if chosen is not None else (forget0, retain0)
+    return model, {**info, **report.summary(), "search_status": status, "search_steps": probes,
+                   "search_strategy": strategy, "search_grid": len(fractions),
+                   "chosen_alpha": alpha if chosen is not None else None,
+                   "selection_fraction": float(fractions[chosen]) if chosen is not None else 0.0,
+                   "lambda": 1.0, "original_forget_train_acc": forget0, "forget_train_acc": forget_acc,
+                   "target_forget_train_acc": target, "original_retain_val_acc": retain0,
+                   "retain_val_acc": retain_acc, "guard_samples": len(guard), "search_s": time.perf_counter() - t0}

@@ -330,13 +330,19 @@ def _run_claimed(p: Plan) -> dict:
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     _record(record, args.results)
     dampened = f"  dampened {100 * info['dampened_fraction']:.3f}%" if "dampened_fraction" in info else ""
+    if "search_status" in info:  # ssd_search says whether it reached its target
+        dampened += f"  {info['search_status']} ({info['search_steps']} steps)"
     print(f"Df {_fmt(m['df'])}  retain-test {_fmt(m['retain_test_acc'])}  test {_fmt(m['test_acc'])}  "
           f"MIA {_fmt(m['mia'])}  ZRF {m.get('zrf', float('nan')):.3f}{dampened}  method {method_s:.2f}s  "
           f"eval {eval_s:.2f}s")
-    if info.get("dampened") == 0:
+    if info.get("dampened") == 0 and "chosen_alpha" not in info:  # assd and ssd_search choose alpha themselves
         print(f"warning: alpha={args.alpha} selects nothing: the largest I_Df/I_D is {info['max_ratio']:.3g} "
               f"(the cap |D|/|D_f| is {info['ratio_cap']:.3g}); the model is unchanged (pass a smaller --alpha)",
               file=sys.stderr)
+    if info.get("search_status") == "target_unreachable":
+        print(f"warning: ssd_search cannot bring forget-train accuracy to {info['target_forget_train_acc']:.2f} "
+              f"with lambda=1 anywhere on its grid (it reached {info['forget_train_acc']:.2f}; the largest I_Df/I_D is "
+              f"{info['max_ratio']:.3g}): D_f's gradients are too small to select or dampen enough", file=sys.stderr)
     try:
         log_dir = Path(args.results).parent
         results.log_wandb(record, args.wandb_project or f"{args.net}-{args.dataset}-{scenario}",

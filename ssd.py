@@ -193,3 +193,49 @@ def importance_per_sample(model: nn.Module, dl: DataLoader, device: torch.device
     if count == 0:
         raise UserError("cannot compute importances on an empty dataset (the forget set has no samples)")
     return {n: (t / count).float() for n, t in total.items()}
+
+
+def search_fractions(start: float, growth: float, max_steps: int) -> np.ndarray:
+    """Potion's grid of selection fractions: start * growth**k for k = 0, 1, ..., below 1, at most max_steps."""
+    fractions = start * growth ** np.arange(max_steps)
+    return fractions[fractions < 1]
+
+
+def search_grid(probe, steps: int, strategy: str = "gallop") -> tuple[int | None, str, int]:
+    """Walk a grid of increasing dampening strengths 0..steps-1; returns (chosen step, status, probes).
+
+    `probe(k)` dampens a copy at step k and returns (target met, guard passed). The walk stops at
+    the first step that meets the target (target_reached) or fails the guard (guard_hit: the step
+    before it is chosen, None when that is no step at all, i.e. the original model). If no step does
+    either, the last step is chosen (target_unreachable).
+    geometric: Potion's walk, probing 0, 1, 2, ... in turn.
+    gallop: probes 0, 1, 3, 7, ... until one stops, then bisects the last gap: the same step in about
+      2 log2(k) probes when "target met or guard failed" is monotone in k (forget and retain accuracy
+      fall with the fraction dampened, near enough; a one-sample wobble can move the answer a step).
+    """
+    if steps < 1:
+        raise UserError("the search grid is empty (pass --search-max-steps >= 1)")
+    if strategy not in ("gallop", "geometric"):
+        raise UserError(f"unknown search strategy {strategy!r} (choose gallop or geometric)")
+    seen = {}
+
+    def stops(k: int) -> bool:
+        seen[k] = probe(k)
+        return seen[k][0] or not seen[k][1]
+
+    below, k = -1, 0  # below: the last step probed that passed the guard and missed the target (-1: none)
+    while not stops(k):
+        below = k
+        if k == steps - 1:
+            return k, "target_unreachable", len(seen)
+        k = k + 1 if strategy == "geometric" else min(2 * k + 1, steps - 1)
+    stop = k
+    while stop - below > 1:  # geometric never enters: its gap is always one step
+        mid = (below + stop) // 2
+        if stops(mid):
+            stop = mid
+        else:
+            below = mid
+    if seen[stop][1]:
+        return stop, "target_reached", len(seen)
+    return (below if below >= 0 else None), "guard_hit", len(seen)

@@ -11,6 +11,8 @@ Four measurements, each timing the suite's own code:
   3. the MIA: logits by training.predict at batch size 512 against batch size 1, then
      metrics.membership_attack
   4. peak RSS of a real forget run (pretrain_model.py, then forget_full_class_main.py) in a subprocess
+  5. ssd_search (both walks) against a plain SSD request, each with a cold I_D cache, on a digits model
+     trained here (the quick suite's kind of checkpoint), through the task script's own flags
 
 Timings are medians over --repeats runs, each after its own untimed setup (a fresh copy of the model,
 a fresh cache folder), with the clock stopped only after CUDA has finished. The runs being compared
@@ -27,10 +29,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import platform
 import signal
 import statistics
+from collections import defaultdict
 import subprocess
 import sys
 import tempfile
@@ -316,6 +320,59 @@ def bench_rss(args, device: torch.device, tmp: Path) -> dict:
 
 
 # -----------------------------------------------------------------------------
+# 5. ssd_search against a plain SSD request
+
+def bench_search(args, device: torch.device, tmp: Path) -> dict:
+    import forget_full_class_main
+    import pretrain_model
+    import runner
+
+    epochs = ["--epochs", "2", "--milestones", "1"] if args.quick else []
+    ckpt = pretrain_model.main(["--dataset", "digits", "--width", str(args.width), "--seed", "1", "--device",
+                                device.type, "--checkpoint-dir", str(tmp / "search_checkpoints"), *epochs])
+    runs = {"ssd": [], "ssd_search": [], "ssd_search geometric": []}
+    infos = defaultdict(list)
+    for cls in args.search_classes:
+        p = runner.plan("full_class", forget_full_class_main.SSD_PARAMS,
+                        ["--weights", str(ckpt / "model.pt"), "--forget-class", cls, "--device", device.type])
+        original = runner.load_model(p.weights, p.meta).to(device)
+        for i in range(args.repeats):
+            for name in runs:  # interleaved, each with an empty cache folder: I_D is computed every time
+                method = methods.REGISTRY[name.split()[0]]
+                ctx = dataclasses.replace(runner.run_context(p, device), importance_cache=str(
+                    tmp / f"search_cache_{cls}_{i}_{name.replace(' ', '_')}"))
+                hp = method.params(**{n: getattr(p.args, n) for n in method.param_names})
+                if name.endswith("geometric"):
+                    hp.search_strategy = "geometric"
+                model = copy.deepcopy(original)
+                seconds, (_, info) = timed(lambda: method.fn(model, p.splits, hp, ctx), device)
+                runs[name].append(seconds)
+                infos[name].append(info)
+        s = {name: statistics.median(t[-args.repeats:]) for name, t in runs.items()}
+        search = infos["ssd_search"][-1]
+        print(f"class {cls}: ssd {s['ssd']:.2f} s, ssd_search {s['ssd_search']:.2f} s "
+              f"({search['search_status']}, {search['search_steps']} steps, alpha {search['chosen_alpha']}), "
+              f"geometric {s['ssd_search geometric']:.2f} s ({infos['ssd_search geometric'][-1]['search_steps']} steps)")
+    n = len(args.search_classes) * args.repeats
+    med = {name: statistics.median(t) for name, t in runs.items()}
+    r = {"classes": len(args.search_classes), **med, "ratio": med["ssd_search"] / med["ssd"],
+         "worst_ratio": max(a / b for a, b in zip(runs["ssd_search"], runs["ssd"])),
+         "geometric_ratio": med["ssd_search geometric"] / med["ssd"],
+         "steps": statistics.mean(i["search_steps"] for i in infos["ssd_search"]),
+         "geometric_steps": statistics.mean(i["search_steps"] for i in infos["ssd_search geometric"])}
+    print(f"\n## 5. ssd_search against a plain SSD request, cold cache (digits, width {args.width}, full class, "
+          f"classes {' '.join(args.search_classes)}, {n} requests each)\n")
+    print("| run | median s | mean steps | times |\n|---|---:|---:|---|")
+    print(f"| ssd (alpha from the task script) | {med['ssd']:.2f} | - | {fmt_times(runs['ssd'])} |")
+    print(f"| ssd_search, gallop (default) | {med['ssd_search']:.2f} | {r['steps']:.1f} | {fmt_times(runs['ssd_search'])} |")
+    print(f"| ssd_search, geometric (Potion's walk) | {med['ssd_search geometric']:.2f} | {r['geometric_steps']:.1f} | "
+          f"{fmt_times(runs['ssd_search geometric'])} |")
+    print(f"\nssd_search / ssd = {r['ratio']:.2f} (median), {r['worst_ratio']:.2f} (worst request; target <= 2: "
+          f"{'yes' if r['worst_ratio'] <= 2 else 'NO'}); geometric / ssd = {r['geometric_ratio']:.2f}")
+    return r
+
+
+# -----------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -328,7 +385,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--batch-size", type=int, default=64, help="batch size of importances and training")
     a("--mia-size", type=int, default=2000, help="samples whose logits the MIA collects")
     a("--throughput-batches", type=int, default=None, help="batches per throughput repeat (default: 10 CPU, 100 CUDA)")
-    a("--parts", default="1234", help="which measurements to run, e.g. 13")
+    a("--search-classes", nargs="+", default=["three", "seven", "nine"], help="digits classes of part 5")
+    a("--parts", default="12345", help="which measurements to run, e.g. 13")
     a("--quick", action="store_true", help="much smaller sizes, for a smoke check")
     args = p.parse_args(argv)
     if args.quick:
@@ -362,7 +420,8 @@ def main(argv: list[str] | None = None) -> None:
         parts = {1: lambda: bench_throughput(spec, args, device),
                  2: lambda: bench_ssd_request(spec, data, args, device, tmp),
                  3: lambda: bench_mia(spec, data, args, device),
-                 4: lambda: bench_rss(args, device, tmp)}
+                 4: lambda: bench_rss(args, device, tmp),
+                 5: lambda: bench_search(args, device, tmp)}
         for k, run in parts.items():
             if str(k) in args.parts:
                 t0 = time.perf_counter()
@@ -394,6 +453,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| peak RSS of a forget run (digits, ssd, width {args.width}) | {r['rss']:.0f} MiB | "
               f"forget_full_class_main.py, {r['wall']:.1f} s wall; importing the suite alone: "
               f"{r['imports_rss']:.0f} MiB |")
+    if 5 in res:
+        r = res[5]
+        print(f"| ssd_search vs a plain SSD request, cold cache (digits, {r['classes']} classes) | {r['ratio']:.2f}x "
+              f"the time, worst {r['worst_ratio']:.2f}x (target <= 2) | {r['ssd_search']:.2f} s vs {r['ssd']:.2f} s, "
+              f"{r['steps']:.1f} steps; Potion's walk {r['ssd_search geometric']:.2f} s, "
+              f"{r['geometric_steps']:.1f} steps |")
     load = f"; load average {os.getloadavg()[0]:.1f} at the end" if hasattr(os, "getloadavg") else ""
     print(f"\nbenchmark wall time{load}: {total:.0f} s ({', '.join(f'part {k}: {v:.0f} s' for k, v in took.items())})")
 
