@@ -25,13 +25,14 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import methods
 import results
 import runner
 from common import SHARED_FLAGS, ArgumentParser, UserError, add_shared_flags, check_output_dir, run_cli
+from datasets import DIGIT_CLASSES
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = {"full_class": "forget_full_class_main.py", "sub_class": "forget_sub_class_main.py",
@@ -72,6 +73,10 @@ QUICK_TABLES = {
     "digits_random_resnet": Table("random", "resnet18", "digits", [None], QUICK_PRETRAIN, ["--forget-count", "100"]),
 }
 TABLES = {**_paper_tables(), **QUICK_TABLES}
+# The verdict suite: the quick tables over every class (digits: all 10), for the methods that a reader
+# compares with retrain first; its own results file, so the quick tables keep their one class.
+VERDICT_METHODS = ["baseline", "retrain", "ssd", "lfssd", "assd", "ssd_search"]
+VERDICT_RESULTS = "runs/verdict.jsonl"
 
 
 @dataclass
@@ -88,19 +93,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("devices", nargs="?", default=env("DEVICES", "cpu"),
                    help="'cpu' (default), one GPU id, or a comma list ('0,1,2,3'; 'cpu,cpu' runs two CPU slots); "
                         "one run at a time per entry")
-    p.add_argument("--suite", choices=["quick", "paper"], default=env("SUITE"),
-                   help="quick: digits, every scenario; paper: every paper table (default: quick on cpu, "
-                        "paper on GPUs; env SUITE)")
+    p.add_argument("--suite", choices=["quick", "verdict", "paper"], default=env("SUITE"),
+                   help="quick: digits, every scenario, every method, one class; verdict: digits, every class, "
+                        f"{' '.join(VERDICT_METHODS)}, into {VERDICT_RESULTS} unless --results is given; paper: "
+                        "every paper table (default: quick on cpu, paper on GPUs; env SUITE)")
     p.add_argument("--table", action="append", default=env("TABLE", "").split() or None,
                    help=f"run only these tables (repeatable; env TABLE): {', '.join(TABLES)}")
     p.add_argument("--seeds", default=env("SEEDS"), help="seeds, e.g. '1 2 3' (default: 1..5; the quick digits tables: 1 2; env SEEDS)")
     p.add_argument("--methods", default=env("METHODS"), help=f"methods (default: all: {' '.join(ALL_METHODS)}; env METHODS)")
     p.add_argument("--classes", default=env("CLASSES"), help="forget classes, overriding each table's (env CLASSES)")
     shared = {name: SHARED_FLAGS[name][1]["default"] for name in ("results", "checkpoint_dir", "data_dir")}
-    add_shared_flags(p, "results", "checkpoint_dir", "data_dir", results=env("RESULTS", shared["results"]),
+    add_shared_flags(p, "results", "checkpoint_dir", "data_dir", results=env("RESULTS"),
                      checkpoint_dir=env("CHECKPOINT_DIR", shared["checkpoint_dir"]),
                      data_dir=env("DATA_DIR", shared["data_dir"]),
-                     results_help="results file (env RESULTS)", checkpoint_dir_help="checkpoint folder (env "
+                     results_help=f"results file (env RESULTS; default: {shared['results']}, or {VERDICT_RESULTS} "
+                                  f"for the verdict suite)", checkpoint_dir_help="checkpoint folder (env "
                                                                                      "CHECKPOINT_DIR)",
                      data_dir_help="dataset root (env DATA_DIR)")
     p.add_argument("--logs", default="runs/logs", help="one log file per run, with its command and output")
@@ -122,12 +129,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"(pass cpu, a GPU id such as 0, or a comma list such as 0,1)")
     on_cpu = all(s == "cpu" for s in args.slots)
     args.suite = args.suite or ("quick" if on_cpu else "paper")
-    quick = args.table is None and args.suite == "quick" or args.table and all(t in QUICK_TABLES for t in args.table)
+    args.results = args.results or (VERDICT_RESULTS if args.suite == "verdict" else shared["results"])
+    quick = args.table is None and args.suite in ("quick", "verdict") or args.table and all(
+        t in QUICK_TABLES for t in args.table)
     seeds = (args.seeds or ("1 2" if quick else "1 2 3 4 5")).replace(",", " ").split()
     if not seeds or not all(s.isdigit() for s in seeds):
         raise UserError(f"--seeds {args.seeds!r} is not a list of non-negative integers (pass e.g. --seeds '1 2 3')")
     args.seeds = [int(s) for s in seeds]
-    args.methods = (args.methods or " ".join(ALL_METHODS)).replace(",", " ").split()
+    default_methods = VERDICT_METHODS if args.suite == "verdict" else ALL_METHODS
+    args.methods = (args.methods or " ".join(default_methods)).replace(",", " ").split()
     unknown = [m for m in args.methods if m not in ALL_METHODS] or ([] if args.methods else ["(none)"])
     if unknown:
         raise UserError(f"unknown method {', '.join(unknown)} (choose from {', '.join(ALL_METHODS)})")
@@ -145,6 +155,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def select_tables(args) -> dict[str, Table]:
     if args.table:
         return {t: TABLES[t] for t in args.table}
+    if args.suite == "verdict":  # every class of the quick tables
+        return {name: replace(t, classes=DIGIT_CLASSES if t.classes != [None] else t.classes)
+                for name, t in QUICK_TABLES.items()}
     return QUICK_TABLES if args.suite == "quick" else _paper_tables()
 
 
