@@ -5,7 +5,11 @@
     python make_tables.py --per-class --out runs/tables_per_class
     python make_tables.py --wandb-project me/ssd-unlearning
 
-One table per (dataset, scenario, net), named like experiments.py's TABLES (cifar20_sub_vit). Rows are
+First, per table, the verdict against retrain: one row per method over every (forget class, seed) cell
+that also has retrain and baseline runs, with the mean |Df - Df(retrain)| and |MIA - MIA(retrain)|, the
+mean retain-test drop from the original, the counts of clean, collapsed, untouched and partial requests
+(metrics.outcome) and the mean method time. Then one table per (dataset, scenario, net), named like
+experiments.py's TABLES (cifar20_sub_vit). Rows are
 methods; columns are Df accuracy, retain-test accuracy (Dr), MIA and method time, each the mean ± sample
 std (ddof=1) over seeds, and over forget classes unless --per-class. A run recorded twice counts once.
 Writes OUT/tables.md, OUT/tables.csv, OUT/tables.tex (--latex), OUT/<table>_acc.png and OUT/<table>_time.png.
@@ -192,6 +196,104 @@ def build_tables(records: list[dict], per_class: bool = False, only: list[str] |
         classes = sorted({str(r["config"]["forget_class"]) for r in runs if r["config"].get("forget_class")})
         tables[name] = Table(name, c["dataset"], c["scenario"], c["net"], classes, rows, _runtime(runs, id_times))
     return tables
+
+
+# --- the verdict against retrain ------------------------------------------------------------------
+
+@dataclass
+class Verdict:
+    """One method over every (forget class, seed) cell of a table that also has retrain and baseline."""
+
+    method: str
+    cells: int
+    df_gap: float | None  # mean |Df - Df(retrain)|
+    mia_gap: float | None  # mean |MIA - MIA(retrain)|
+    retain_drop: float | None  # mean retain-test accuracy of the original (baseline) minus the method's
+    counts: dict[str, int]  # metrics.OUTCOMES -> cells
+    method_s: float | None
+    statuses: dict[str, int]  # ssd_search's search_status -> cells (empty for other methods)
+
+
+def build_verdicts(tables: dict[str, Table], records: list[dict]) -> dict[str, list[Verdict]]:
+    """Per table, one Verdict per method. A cell is one (forget class, seed); it counts when retrain
+    and baseline ran on it too. Outcomes as metrics.outcome, random forgetting against retrain's Df."""
+    from metrics import OUTCOMES, outcome
+
+    kept = {}
+    for r in records:  # the last record of a key wins, as in the tables
+        if isinstance(r.get("config"), dict) and r["config"].get("method"):
+            kept[r.get("key")] = r
+    cells = defaultdict(dict)  # (table, class, seed) -> method -> record
+    for r in kept.values():
+        c = r["config"]
+        cells[(table_name(c), str(c.get("forget_class")), c.get("seed"))][c["method"]] = r
+    verdicts = {}
+    for name, table in tables.items():
+        per_method = defaultdict(list)
+        for (t, _, _), runs in cells.items():
+            if t != name or "retrain" not in runs or "baseline" not in runs:
+                continue
+            ref, orig = runs["retrain"]["metrics"], runs["baseline"]["metrics"]
+            for method, r in runs.items():
+                per_method[method].append((r, ref, orig))
+        rows = []
+        for method in sorted(per_method, key=_rank):
+            group = per_method[method]
+
+            def mean(values):
+                values = [v for v in values if v is not None]
+                return statistics.fmean(values) if values else None
+
+            def gap(key):
+                return mean(abs(r["metrics"][key] - ref[key]) if _known(r["metrics"].get(key), ref.get(key))
+                            else None for r, ref, _ in group)
+
+            outcomes = [outcome(r["metrics"]["df"], r["metrics"]["retain_test_acc"], orig["retain_test_acc"],
+                                orig["df"], ref["df"] if table.scenario == "random" else None)
+                        for r, ref, orig in group if _known(r["metrics"].get("df"), r["metrics"].get("retain_test_acc"),
+                                                            orig.get("df"), orig.get("retain_test_acc"), ref.get("df"))]
+            statuses = defaultdict(int)
+            for r, _, _ in group:
+                if (r.get("method_info") or {}).get("search_status"):
+                    statuses[r["method_info"]["search_status"]] += 1
+            rows.append(Verdict(method, len(group), gap("df"), gap("mia"),
+                                mean(orig["retain_test_acc"] - r["metrics"]["retain_test_acc"]
+                                     if _known(orig.get("retain_test_acc"), r["metrics"].get("retain_test_acc"))
+                                     else None for r, _, orig in group),
+                                {o: outcomes.count(o) for o in OUTCOMES}, mean(_value(r, "method_s") for r, _, _ in group),
+                                dict(statuses)))
+        if rows:
+            verdicts[name] = rows
+    return verdicts
+
+
+def _known(*values) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+
+
+def verdict_markdown(verdicts: dict[str, list[Verdict]], tables: dict[str, Table]) -> str:
+    parts = []
+    for name, rows in verdicts.items():
+        t = tables[name]
+        reference = "Df within 5 of retrain's" if t.scenario == "random" else "Df <= 10"
+        lines = [f"### Verdict against retrain: {name} ({t.net} on {t.dataset}, {t.scenario})", "",
+                 "| Method | Cells | \|Df - retrain\| | \|MIA - retrain\| | Retain-test drop | Clean | Collapse | "
+                 "Untouched | Partial | Time (s) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        f = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+        for v in rows:
+            lines.append(f"| {v.method} | {v.cells} | {f(v.df_gap)} | {f(v.mia_gap)} | {f(v.retain_drop)} | "
+                         f"{v.counts['clean']} | {v.counts['collapse']} | {v.counts['untouched']} | "
+                         f"{v.counts['partial']} | {f(v.method_s)} |")
+        lines += ["", "- a cell is one (forget class, seed) with baseline and retrain; gaps and the drop are means "
+                      "over cells, in points; retain-test drop = original (baseline) minus the method.",
+                  f"- clean: {reference} and retain-test within 5 points of the original; collapse: retain-test "
+                  f"< 50; untouched: " + ("Df not below the original's" if t.scenario == "random" else "Df >= 90")
+                  + "; partial: the rest (metrics.outcome)."]
+        for v in rows:
+            if v.statuses:
+                lines.append(f"- {v.method} search status: " + ", ".join(f"{k} {n}" for k, n in sorted(v.statuses.items())))
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n" if parts else ""
 
 
 # --- text ----------------------------------------------------------------------------------------
@@ -382,7 +484,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: no runs for table {name}", file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    text = to_markdown(tables, args.per_class, args.std_floor)
+    verdicts = build_verdicts(tables, records)  # the table a reader looks at first
+    text = verdict_markdown(verdicts, tables) + ("\n" if verdicts else "") + to_markdown(tables, args.per_class,
+                                                                                      args.std_floor)
     (out / "tables.md").write_text(text)
     (out / "tables.csv").write_text(to_csv(tables))
     if args.latex:

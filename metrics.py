@@ -65,3 +65,26 @@ def evaluate(model: nn.Module, splits: Splits, device: torch.device, random_mode
     m["n_forget_train"], m["n_retain_train"] = len(splits.forget_idx), len(splits.retain_idx)
     m["n_forget_test"], m["n_retain_test"] = len(splits.forget_test_idx), len(splits.retain_test_idx)
     return m
+
+
+OUTCOMES = ("clean", "collapse", "untouched", "partial")
+
+
+def outcome(df: float, retain: float, original_retain: float, original_df: float,
+            reference_df: float | None = None) -> str:
+    """What one forget request did, from its Df and retain-test accuracy (in %) and the original's.
+
+    Class scenarios: collapse = retain-test < 50; untouched = Df >= 90; clean = Df <= 10 and
+    retain-test within 5 points of the original; partial = anything else. Random forgetting passes
+    `reference_df`, what a model that never saw D_f scores on it (retrain's Df, or the original's
+    validation accuracy): untouched = Df not below the original's Df; clean = Df within 5 points of
+    the reference and retain-test within 5 points of the original."""
+    if retain < 50:
+        return "collapse"
+    if reference_df is None:
+        if df >= 90:
+            return "untouched"
+        return "clean" if df <= 10 and retain >= original_retain - 5 else "partial"
+    if df >= original_df:
+        return "untouched"
+    return "clean" if abs(df - reference_df) <= 5 and retain >= original_retain - 5 else "partial"

@@ -9,11 +9,10 @@ For each (checkpoint seed, forget class, batch order) the importances I_D and I_
 is evaluated on the forget and retain parts of the test set. A selection fraction s stands for the
 alpha that selects a share s of the parameter elements (the (1 - s) quantile of I_Df / I_D).
 
-This is a research tool, so it looks at test accuracy, which the unlearning methods never do. Outcome of
-one request (class scenarios): clean = Df <= 10 and retain-test within 5 points of the original;
-collapse = retain-test < 50; untouched = Df >= 90; partial = anything else. For random forgetting Df is
+This is a research tool, so it looks at test accuracy, which the unlearning methods never do. Each
+request's outcome (clean, collapse, untouched, partial) is metrics.outcome; for random forgetting Df is
 compared with the original model's accuracy on the validation split, which is what a model that never
-saw D_f scores: clean = Df within 5 points of it, untouched = Df not below the original's Df.
+saw D_f scores.
 
 Writes OUT/<dataset>_<scenario>.csv, OUT/<dataset>_<scenario>_<order>.png (Df and retain-test against
 alpha, one line per class and seed, the cap |D|/|D_f| marked) and prints the counts per order and alpha.
@@ -36,6 +35,7 @@ import methods
 import runner
 import ssd
 from common import HelpFormatter, UserError, add_shared_flags, file_sha256, resolve_device, run_cli, seed_everything
+from metrics import OUTCOMES, outcome
 from training import accuracy
 
 
@@ -76,21 +76,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not a >= 0:
             raise UserError(f"--alphas must be >= 0, got {a}")
     return args
-
-
-def outcome(df: float, retain: float, original_retain: float, original_df: float,
-            reference_df: float | None = None) -> str:
-    """clean, collapse, untouched or partial: see the module's docstring. `reference_df` is given for
-    random forgetting (what a model that never saw D_f scores on it)."""
-    if retain < 50:
-        return "collapse"
-    if reference_df is None:
-        if df >= 90:
-            return "untouched"
-        return "clean" if df <= 10 and retain >= original_retain - 5 else "partial"
-    if df >= original_df:
-        return "untouched"
-    return "clean" if abs(df - reference_df) <= 5 and retain >= original_retain - 5 else "partial"
 
 
 def _accuracy(model: torch.nn.Module, ds, device: torch.device) -> float:
@@ -162,7 +147,7 @@ def summarise(rows: list[dict], kind: str) -> list[dict]:
         groups[(r["order"], r[kind])].append(r)
     out = []
     for (order, value), rs in sorted(groups.items()):
-        counts = {o: sum(r["outcome"] == o for r in rs) for o in ("clean", "collapse", "untouched", "partial")}
+        counts = {o: sum(r["outcome"] == o for r in rs) for o in OUTCOMES}
         out.append({"order": order, kind: value, "requests": len(rs), **counts,
                     "median_dampened_pct": 100 * statistics.median(r["dampened_fraction"] for r in rs),
                     "median_max_ratio": statistics.median(r["max_ratio"] for r in rs),

@@ -9,6 +9,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Subset, random_split
 
 import datasets
 import methods
+import metrics
 import models
 import runner
 import ssd
@@ -177,13 +178,9 @@ def test_sweep_fractions_pick_the_quantile_alpha(tiny_checkpoint, tmp_path):
 @pytest.mark.parametrize("df, retain, expected", [(0, 97, "clean"), (5, 91, "partial"), (0, 40, "collapse"),
                                                   (95, 97, "untouched"), (50, 96, "partial")])
 def test_outcome_of_a_class_request(df, retain, expected):
-    import sweep_alpha
-
-    assert sweep_alpha.outcome(df, retain, original_retain=97, original_df=99) == expected
+    assert metrics.outcome(df, retain, original_retain=97, original_df=99) == expected
 
 
 @pytest.mark.parametrize("df, expected", [(96, "clean"), (99.5, "untouched"), (80, "partial")])
 def test_outcome_of_a_random_request_compares_with_unseen_accuracy(df, expected):
-    import sweep_alpha
-
-    assert sweep_alpha.outcome(df, 97, original_retain=97, original_df=99.5, reference_df=95) == expected
+    assert metrics.outcome(df, 97, original_retain=97, original_df=99.5, reference_df=95) == expected

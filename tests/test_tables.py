@@ -206,3 +206,21 @@ def test_latex_table_compiles(results_file, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout[-2000:]
     assert (tmp_path / "t.pdf").stat().st_size > 0
+
+
+def test_verdict_against_retrain_on_known_numbers(results_file):
+    records = results.read(results_file)
+    tables = make_tables.build_tables(records)
+    verdicts = make_tables.build_verdicts(tables, records)
+    # digits_full_resnet: only seed 1 of class three has a baseline (Dr 61.5, Df 100), so one cell per method
+    rows = {v.method: v for v in verdicts["digits_full_resnet"]}
+    assert set(rows) == {"baseline", "retrain", "finetune", "ssd", "my_method"}
+    ssd = rows["ssd"]
+    assert ssd.cells == 1 and ssd.df_gap == 0 and ssd.mia_gap == pytest.approx(20) and ssd.retain_drop == 0.5
+    assert ssd.counts == {"clean": 1, "collapse": 0, "untouched": 0, "partial": 0} and ssd.method_s == 4.0
+    assert rows["baseline"].counts["untouched"] == 1 and rows["baseline"].df_gap == 100
+    assert rows["finetune"].counts["clean"] == 1 and rows["finetune"].retain_drop == pytest.approx(3.5)
+    assert rows["my_method"].counts["partial"] == 1 and rows["my_method"].mia_gap is None  # Dr 55 < 61.5 - 5
+    assert "cifar20_sub_vit" not in verdicts  # no baseline there: nothing to compare with
+    text = make_tables.verdict_markdown(verdicts, tables)
+    assert "| ssd | 1 | 0.00 | 20.00 | 0.50 | 1 | 0 | 0 | 0 | 4.00 |" in text
