@@ -1,6 +1,6 @@
 """The experiment driver behind MAIN_run_experiments.sh: grid, pretraining, resume, fan-out, summary.
 
-    python experiments.py cpu                          # the quick digits suite
+    python experiments.py cpu                          # the quick suite on the embedded digit pairs
     python experiments.py 0 --table cifar100_full_resnet
     python experiments.py 0,1,2,3                      # the paper grid over four GPUs
     python experiments.py --print-commands --table cifar20_sub_vit   # for SLURM / GNU parallel
@@ -32,7 +32,6 @@ import methods
 import results
 import runner
 from common import SHARED_FLAGS, ArgumentParser, UserError, add_shared_flags, check_output_dir, run_cli
-from datasets import DIGIT_CLASSES
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = {"full_class": "forget_full_class_main.py", "sub_class": "forget_sub_class_main.py",
@@ -52,6 +51,9 @@ class Table:
     classes: list  # [None] for random forgetting
     pretrain_flags: list[str] = field(default_factory=list)
     forget_flags: list[str] = field(default_factory=list)
+    # random forgetting: split seeds per original (--seed s --model-seed m); None: the split seed is
+    # the run seed, as in the paper's tables
+    split_seeds: list[int] | None = None
 
 
 def _paper_tables() -> dict[str, Table]:
@@ -65,16 +67,38 @@ def _paper_tables() -> dict[str, Table]:
     return tables
 
 
-# The quick suite: digits on a narrow ResNet18, which trains in under a minute on two CPU cores.
+# The quick suite: the paper's four ResNet18 tables in miniature. Digit pairs (datasets.pair_arrays)
+# run at the paper's forget ratios |D| / |D_f| (100, 20, 100 and 500) on a width-16 ResNet18 that
+# trains in well under a minute on two CPU cores.
 QUICK_PRETRAIN = ["--width", "16"]
 QUICK_TABLES = {
+    "pairs100_full_resnet": Table("full_class", "resnet18", "pairs100", ["07"], QUICK_PRETRAIN),
+    "pairs20_full_resnet": Table("full_class", "resnet18", "pairs20", ["05-09"], QUICK_PRETRAIN),
+    "pairs20_sub_resnet": Table("sub_class", "resnet18", "pairs20", ["07"], QUICK_PRETRAIN),
+    "pairs10_random_resnet": Table("random", "resnet18", "pairs10", [None], QUICK_PRETRAIN, ["--forget-count", "20"]),
+}
+# What fits the quick suite's 10 minutes on two CPU cores (see the README for each method's time);
+# retrain_paper, finetune, amnesiac, unsir and ssd_per_sample stay available through --methods.
+QUICK_METHODS = ["baseline", "retrain", "bad_teacher", "ssd", "lfssd", "assd", "ssd_search"]
+# The small-cap regime: one digit is a tenth of the data, so I_Df / I_D is capped near 10 and the
+# paper's alpha = 10 selects nothing (--suite digits).
+DIGITS_TABLES = {
     "digits_full_resnet": Table("full_class", "resnet18", "digits", ["seven"], QUICK_PRETRAIN),
     "digits5_sub_resnet": Table("sub_class", "resnet18", "digits5", ["seven"], QUICK_PRETRAIN),
     "digits_random_resnet": Table("random", "resnet18", "digits", [None], QUICK_PRETRAIN, ["--forget-count", "100"]),
 }
-TABLES = {**_paper_tables(), **QUICK_TABLES}
-# The verdict suite: the quick tables over every class (digits: all 10), for the methods that a reader
-# compares with retrain first; its own results file, so the quick tables keep their one class.
+EMBEDDED_TABLES = {**QUICK_TABLES, **DIGITS_TABLES}
+TABLES = {**_paper_tables(), **EMBEDDED_TABLES}
+# The verdict suite: 10 forget requests per table, fixed before any result was seen: the pair classes
+# "k, (k + 7) mod 10", one per tens digit (07, 18, ..., 96), and for random forgetting the split seeds
+# 1..10; each on the originals of the run seeds. Its own results file, so the quick tables keep one class.
+VERDICT_CLASSES = [f"{k}{(k + 7) % 10}" for k in range(10)]
+VERDICT_SPLIT_SEEDS = list(range(1, 11))
+VERDICT_TABLES = {
+    "pairs100_full_resnet": replace(QUICK_TABLES["pairs100_full_resnet"], classes=VERDICT_CLASSES),
+    "pairs20_sub_resnet": replace(QUICK_TABLES["pairs20_sub_resnet"], classes=VERDICT_CLASSES),
+    "pairs10_random_resnet": replace(QUICK_TABLES["pairs10_random_resnet"], split_seeds=VERDICT_SPLIT_SEEDS),
+}
 VERDICT_METHODS = ["baseline", "retrain", "ssd", "lfssd", "assd", "ssd_search"]
 VERDICT_RESULTS = "runs/verdict.jsonl"
 
@@ -93,10 +117,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("devices", nargs="?", default=env("DEVICES", "cpu"),
                    help="'cpu' (default), one GPU id, or a comma list ('0,1,2,3'; 'cpu,cpu' runs two CPU slots); "
                         "one run at a time per entry")
-    p.add_argument("--suite", choices=["quick", "verdict", "paper"], default=env("SUITE"),
-                   help="quick: digits, every scenario, every method, one class; verdict: digits, every class, "
-                        f"{' '.join(VERDICT_METHODS)}, into {VERDICT_RESULTS} unless --results is given; paper: "
-                        "every paper table (default: quick on cpu, paper on GPUs; env SUITE)")
+    p.add_argument("--suite", choices=["quick", "verdict", "digits", "paper"], default=env("SUITE"),
+                   help=f"quick: the four digit-pair tables, one forget request each, {' '.join(QUICK_METHODS)}; "
+                        f"verdict: pairs100 full class, pairs20 sub-class and pairs10 random, 10 requests each, "
+                        f"{' '.join(VERDICT_METHODS)}, into {VERDICT_RESULTS} unless --results is given; digits: "
+                        "the small-cap digits tables, every method; paper: every paper table (default: quick on "
+                        "cpu, paper on GPUs; env SUITE)")
     p.add_argument("--table", action="append", default=env("TABLE", "").split() or None,
                    help=f"run only these tables (repeatable; env TABLE): {', '.join(TABLES)}")
     p.add_argument("--seeds", default=env("SEEDS"), help="seeds, e.g. '1 2 3' (default: 1..5; the quick digits tables: 1 2; env SEEDS)")
@@ -130,13 +156,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     on_cpu = all(s == "cpu" for s in args.slots)
     args.suite = args.suite or ("quick" if on_cpu else "paper")
     args.results = args.results or (VERDICT_RESULTS if args.suite == "verdict" else shared["results"])
-    quick = args.table is None and args.suite in ("quick", "verdict") or args.table and all(
-        t in QUICK_TABLES for t in args.table)
+    quick = args.table is None and args.suite in ("quick", "verdict", "digits") or args.table and all(
+        t in EMBEDDED_TABLES for t in args.table)
     seeds = (args.seeds or ("1 2" if quick else "1 2 3 4 5")).replace(",", " ").split()
     if not seeds or not all(s.isdigit() for s in seeds):
         raise UserError(f"--seeds {args.seeds!r} is not a list of non-negative integers (pass e.g. --seeds '1 2 3')")
     args.seeds = [int(s) for s in seeds]
-    default_methods = VERDICT_METHODS if args.suite == "verdict" else ALL_METHODS
+    default_methods = {"verdict": VERDICT_METHODS, "quick": QUICK_METHODS}.get(args.suite, ALL_METHODS) \
+        if not args.table else ALL_METHODS
     args.methods = (args.methods or " ".join(default_methods)).replace(",", " ").split()
     unknown = [m for m in args.methods if m not in ALL_METHODS] or ([] if args.methods else ["(none)"])
     if unknown:
@@ -155,10 +182,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def select_tables(args) -> dict[str, Table]:
     if args.table:
         return {t: TABLES[t] for t in args.table}
-    if args.suite == "verdict":  # every class of the quick tables
-        return {name: replace(t, classes=DIGIT_CLASSES if t.classes != [None] else t.classes)
-                for name, t in QUICK_TABLES.items()}
-    return QUICK_TABLES if args.suite == "quick" else _paper_tables()
+    return {"quick": QUICK_TABLES, "verdict": VERDICT_TABLES, "digits": DIGITS_TABLES}.get(args.suite) \
+        or _paper_tables()
 
 
 def expand(args, tables: dict[str, Table]) -> list[Run]:
@@ -166,14 +191,19 @@ def expand(args, tables: dict[str, Table]) -> list[Run]:
     for name, t in tables.items():
         classes = args.classes.replace(",", " ").split() if args.classes and t.scenario != "random" else t.classes
         for seed in args.seeds:
-            for cls in classes:
+            # (forget class, split seed) per request: a class, or a random split of this original
+            requests = [(None, s) for s in t.split_seeds] if t.split_seeds else [(c, None) for c in classes]
+            for cls, split_seed in requests:
                 for method in args.methods:
-                    argv = ["--net", t.net, "--dataset", t.dataset, "--method", method, "--seed", str(seed),
+                    seeds = ["--seed", str(seed)] if split_seed is None else \
+                        ["--seed", str(split_seed), "--model-seed", str(seed)]
+                    argv = ["--net", t.net, "--dataset", t.dataset, "--method", method, *seeds,
                             "--results", args.results, "--checkpoint-dir", args.checkpoint_dir,
                             "--data-dir", args.data_dir, *t.forget_flags, *shlex.split(args.extra)]
                     if cls is not None:
                         argv += ["--forget-class", cls]
-                    label = f"{name} {method} {cls or ''} seed{seed}".replace("  ", " ")
+                    request = cls or (f"split{split_seed}" if split_seed is not None else "")
+                    label = f"{name} {method} {request} seed{seed}".replace("  ", " ")
                     runs.append(Run(name, argv, SCRIPTS[t.scenario], label))
     return runs
 

@@ -35,8 +35,12 @@ SHORT_SCENARIO = {"full_class": "full", "sub_class": "sub", "random": "random"}
 SHORT_NET = {"resnet18": "resnet", "vit": "vit"}
 METHOD_ORDER = ["baseline", "retrain", "retrain_paper", "finetune", "bad_teacher", "amnesiac", "unsir",
                 "ssd", "lfssd", "ssd_per_sample", "assd", "ssd_search"]
-COLUMNS = {"df": "Df", "retain_test_acc": "Dr", "test_acc": "Test", "mia": "MIA", "method_s": "Time (s)",
-           "dampened_pct": "Dampened (%)"}
+COLUMNS = {"df": "Df", "retain_test_acc": "Dr", "test_acc": "Test", "mia": "MIA", "mia_attack_auc": "MIA AUC",
+           "method_s": "Time (s)", "dampened_pct": "Dampened (%)"}
+# Below this AUC on its own training data (retain-train vs test) the paper's MIA cannot tell a training
+# image from a test image, and its column is marked uninformative.
+MIA_POWER_FLOOR = 0.6
+NO_POWER = "†"
 ONLY_SOME = {"dampened_pct"}  # SSD-family rows only: other methods show a dash, not a missing value
 MARKED = ("df", "retain_test_acc", "mia")  # time is not meant to match retrain: being faster is the point
 MARK = "*"
@@ -70,6 +74,12 @@ class Table:
     forget_classes: list[str]
     rows: list[Row]
     runtime: dict[str, dict] = field(default_factory=dict)  # per SSD variant, see _runtime
+    regime: dict = field(default_factory=dict)  # forget ratio and MIA power, see _regime
+
+    @property
+    def mia_uninformative(self) -> bool:
+        auc = self.regime.get("mia_attack_auc")
+        return auc is not None and auc < MIA_POWER_FLOOR
 
 
 def table_name(config: dict) -> str:
@@ -170,6 +180,42 @@ def _runtime(runs: list[dict], id_times: dict[str, float]) -> dict[str, dict]:
     return out
 
 
+def _regime(runs: list[dict], dataset: str, scenario: str) -> dict:
+    """The regime a table runs in: its forget ratio |D| / |D_f| (median over runs), the largest
+    I_Df / I_D that ssd measured (median), the ratio of the paper table it mirrors, and the paper
+    MIA's power (median attack AUC over runs)."""
+    from datasets import MIRRORS, PAPER_RATIOS
+
+    def median(values):
+        values = [v for v in values if _known(v)]
+        return statistics.median(values) if values else None
+
+    ratios = []
+    for r in runs:
+        n_f, n_r = r["metrics"].get("n_forget_train"), r["metrics"].get("n_retain_train")
+        ratios.append((n_f + n_r) / n_f if _known(n_f, n_r) and n_f else None)
+    mirror = MIRRORS.get(dataset, dataset)
+    return {"ratio": median(ratios), "mirror": mirror, "paper_ratio": PAPER_RATIOS.get((mirror, scenario)),
+            "ssd_max_ratio": median([r["method_info"].get("max_ratio") for r in runs if r["config"]["method"] == "ssd"]),
+            "mia_attack_auc": median([r["metrics"].get("mia_attack_auc") for r in runs])}
+
+
+def regime_notes(table: Table) -> list[str]:
+    """The footer lines on the regime: forget ratio beside the paper's, and the MIA's power."""
+    g, lines = table.regime, []
+    f = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
+    if g.get("ratio") is not None:
+        paper = f"; the paper's {g['mirror']} {table.scenario} table: {g['paper_ratio']}" if g.get("paper_ratio") else ""
+        lines.append(f"forget ratio |D|/|D_f| {f(g['ratio'], '.1f')}; largest I_Df/I_D that ssd measured "
+                     f"(median) {f(g.get('ssd_max_ratio'), '.3g')}{paper}.")
+    if g.get("mia_attack_auc") is not None:
+        verdict = (f"{NO_POWER} uninformative here: the attack cannot tell a training image from a test image, so "
+                   f"MIA differences in this table are not results" if table.mia_uninformative else "informative")
+        lines.append(f"MIA power: the paper's attack scores {g['mia_attack_auc']:.3f} AUC on its own training data "
+                     f"(retain-train vs test; median over runs; MIA AUC column per method): {verdict}.")
+    return lines
+
+
 def build_tables(records: list[dict], per_class: bool = False, only: list[str] | None = None,
                  std_floor: float = STD_FLOOR) -> dict[str, Table]:
     """Records as read (duplicates included) -> tables by name. A key recorded twice counts once: the last."""
@@ -194,7 +240,8 @@ def build_tables(records: list[dict], per_class: bool = False, only: list[str] |
         rows = _rows(runs, per_class)
         _mark(rows, std_floor)
         classes = sorted({str(r["config"]["forget_class"]) for r in runs if r["config"].get("forget_class")})
-        tables[name] = Table(name, c["dataset"], c["scenario"], c["net"], classes, rows, _runtime(runs, id_times))
+        tables[name] = Table(name, c["dataset"], c["scenario"], c["net"], classes, rows, _runtime(runs, id_times),
+                             _regime(runs, c["dataset"], c["scenario"]))
     return tables
 
 
@@ -223,14 +270,14 @@ def build_verdicts(tables: dict[str, Table], records: list[dict]) -> dict[str, l
     for r in records:  # the last record of a key wins, as in the tables
         if isinstance(r.get("config"), dict) and r["config"].get("method"):
             kept[r.get("key")] = r
-    cells = defaultdict(dict)  # (table, class, seed) -> method -> record
+    cells = defaultdict(dict)  # (table, class, seed, original's seed) -> method -> record
     for r in kept.values():
         c = r["config"]
-        cells[(table_name(c), str(c.get("forget_class")), c.get("seed"))][c["method"]] = r
+        cells[(table_name(c), str(c.get("forget_class")), c.get("seed"), c.get("model_seed"))][c["method"]] = r
     verdicts = {}
     for name, table in tables.items():
         per_method = defaultdict(list)
-        for (t, _, _), runs in cells.items():
+        for (t, *_), runs in cells.items():
             if t != name or "retrain" not in runs or "baseline" not in runs:
                 continue
             ref, orig = runs["retrain"]["metrics"], runs["baseline"]["metrics"]
@@ -276,19 +323,21 @@ def verdict_markdown(verdicts: dict[str, list[Verdict]], tables: dict[str, Table
     for name, rows in verdicts.items():
         t = tables[name]
         reference = "Df within 5 of retrain's" if t.scenario == "random" else "Df <= 10"
+        mia = "\\|MIA - retrain\\|" + (NO_POWER if t.mia_uninformative else "")
         lines = [f"### Verdict against retrain: {name} ({t.net} on {t.dataset}, {t.scenario})", "",
-                 "| Method | Cells | \|Df - retrain\| | \|MIA - retrain\| | Retain-test drop | Clean | Collapse | "
+                 f"| Method | Cells | \\|Df - retrain\\| | {mia} | Retain-test drop | Clean | Collapse | "
                  "Untouched | Partial | Time (s) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         f = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
         for v in rows:
             lines.append(f"| {v.method} | {v.cells} | {f(v.df_gap)} | {f(v.mia_gap)} | {f(v.retain_drop)} | "
                          f"{v.counts['clean']} | {v.counts['collapse']} | {v.counts['untouched']} | "
                          f"{v.counts['partial']} | {f(v.method_s)} |")
-        lines += ["", "- a cell is one (forget class, seed) with baseline and retrain; gaps and the drop are means "
+        lines += ["", "- a cell is one forget request (class or random split) on one original, with baseline and "
+                      "retrain; gaps and the drop are means "
                       "over cells, in points; retain-test drop = original (baseline) minus the method.",
                   f"- clean: {reference} and retain-test within 5 points of the original; collapse: retain-test "
                   f"< 50; untouched: " + ("Df not below the original's" if t.scenario == "random" else "Df >= 90")
-                  + "; partial: the rest (metrics.outcome)."]
+                  + "; partial: the rest (metrics.outcome).", *(f"- {n}" for n in regime_notes(t))]
         for v in rows:
             if v.statuses:
                 lines.append(f"- {v.method} search status: " + ", ".join(f"{k} {n}" for k, n in sorted(v.statuses.items())))
@@ -301,7 +350,7 @@ def verdict_markdown(verdicts: dict[str, list[Verdict]], tables: dict[str, Table
 def _fmt(cell: Cell, mark: str = MARK, column: str = "") -> str:
     if cell.mean is None:
         return "-" if column in ONLY_SOME else "n/a"
-    if column == "dampened_pct":  # fractions of a percent matter here
+    if column in ("dampened_pct", "mia_attack_auc"):  # fractions of a percent or of an AUC matter here
         return f"{cell.mean:.3f}" if cell.std is None else f"{cell.mean:.3f} ± {cell.std:.3f}"
     text = f"{cell.mean:.2f}" if cell.std is None else f"{cell.mean:.2f} ± {cell.std:.2f}"
     return text + (mark if cell.marked else "")
@@ -320,8 +369,9 @@ def notes(table: Table, std_floor: float = STD_FLOOR) -> list[str]:
              "a single run's std counts as 0." if any(r.method == "retrain" for r in table.rows)
              else "no retrain row, so nothing is marked.",
              f"mean ± sample std (ddof=1) over seeds{' and forget classes (n = seeds x classes)' if pooled else ''}; "
-             "Df, Dr (retain-test acc.), Test (whole test set) and MIA in %; time = method time in s; "
-             "Dampened = % of parameter elements SSD dampened (SSD variants only)."]
+             "Df, Dr (retain-test acc.), Test (whole test set) and MIA in %; MIA AUC = the MIA attack's AUC on "
+             "its own training data; time = method time in s; "
+             "Dampened = % of parameter elements SSD dampened (SSD variants only).", *regime_notes(table)]
     s = lambda v: "n/a" if v is None else f"{v:.2f} s"  # noqa: E731
     x = lambda v: "n/a" if v is None else f"{v:.1f}x"  # noqa: E731
     for method, t in table.runtime.items():
@@ -340,7 +390,7 @@ def _title(table: Table) -> str:
 def to_markdown(tables: dict[str, Table], per_class: bool = False, std_floor: float = STD_FLOOR) -> str:
     parts = []
     for table in tables.values():
-        grid = [["Method", *(["Class"] if per_class else []), "n", *COLUMNS.values()]]
+        grid = [["Method", *(["Class"] if per_class else []), "n", *_headers(table)]]
         grid += [[*_lead(row, per_class), *(_fmt(row.cells[c], column=c) for c in COLUMNS)] for row in table.rows]
         widths = [max(len(line[i]) for line in grid) for i in range(len(grid[0]))]
         lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in grid]
@@ -349,8 +399,14 @@ def to_markdown(tables: dict[str, Table], per_class: bool = False, std_floor: fl
     return "\n\n".join(parts) + "\n"
 
 
+def _headers(table: Table) -> list[str]:
+    """Column titles; the MIA column carries the no-power mark where its attack has no power."""
+    return [name + (NO_POWER if c == "mia" and table.mia_uninformative else "") for c, name in COLUMNS.items()]
+
+
 def _tex(text: str) -> str:
-    return "".join("\\" + ch if ch in "_%&#$" else ch for ch in text).replace("±", "$\\pm$")
+    return "".join("\\" + ch if ch in "_%&#$" else ch for ch in text).replace("±", "$\\pm$").replace(
+        NO_POWER, "$^\\dagger$")
 
 
 LATEX_HEADERS = {"df": "$D_f$", "retain_test_acc": "$D_r$"}
@@ -360,7 +416,7 @@ def to_latex(tables: dict[str, Table], per_class: bool = False, std_floor: float
     parts = []
     for table in tables.values():
         lead = ["Method", *(["Class"] if per_class else []), "n"]
-        header = [_tex(h) for h in lead] + [LATEX_HEADERS.get(c, _tex(name)) for c, name in COLUMNS.items()]
+        header = [_tex(h) for h in lead] + [LATEX_HEADERS.get(c, _tex(name)) for c, name in zip(COLUMNS, _headers(table))]
         lines = ["\\begin{table}[t]", "\\centering", f"\\caption{{{_tex(_title(table))}}}",
                  f"\\begin{{tabular}}{{{'l' * len(lead)}{'r' * len(COLUMNS)}}}", "\\toprule",
                  " & ".join(header) + " \\\\", "\\midrule"]

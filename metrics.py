@@ -1,4 +1,5 @@
-"""Evaluation of an unlearned model: accuracies, the paper's membership-inference attack, and ZRF.
+"""Evaluation of an unlearned model: accuracies, the paper's membership-inference attack with its
+power, and ZRF.
 
 Each split gets one batched forward pass; every metric is computed from the logits kept from it.
 Accuracies and MIA are in percent, as in the paper's tables; an empty split gives None.
@@ -25,16 +26,21 @@ def entropy(logits: torch.Tensor) -> np.ndarray:
 
 
 def membership_attack(member_logits: torch.Tensor, nonmember_logits: torch.Tensor,
-                      target_logits: torch.Tensor) -> float:
+                      target_logits: torch.Tensor) -> tuple[float, float]:
     """The SSD paper's MIA: logistic regression on entropy, trained on members (retain-train) against
-    non-members (test); the result is the fraction of the target (forget-train) predicted 'member'."""
+    non-members (test). Returns the fraction of the target (forget-train) predicted 'member', in %,
+    and the attack's power: the AUC of its own score on the data it was fitted on. An AUC near 0.5
+    means the attack cannot tell a training image from a test image, and its verdict on the target
+    says only on which side of a flat threshold the target's entropies fall."""
     from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
 
     x = np.concatenate([entropy(member_logits), entropy(nonmember_logits)])[:, None]
     y = np.concatenate([np.ones(len(member_logits)), np.zeros(len(nonmember_logits))])
     clf = LogisticRegression(class_weight="balanced", solver="lbfgs")
     clf.fit(x, y)
-    return 100.0 * float(clf.predict(entropy(target_logits)[:, None]).mean())
+    attack_auc = float(roc_auc_score(y, clf.decision_function(x)))
+    return 100.0 * float(clf.predict(entropy(target_logits)[:, None]).mean()), attack_auc
 
 
 def js_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
@@ -58,7 +64,7 @@ def evaluate(model: nn.Module, splits: Splits, device: torch.device, random_mode
     m = {f"{name}_acc": _acc(*out[name]) for name in out}
     m["test_acc"] = _acc(test_logits, test_y)
     m["df"] = m[f"{splits.df_split}_acc"]
-    m["mia"] = membership_attack(out["retain_train"][0], test_logits, out["forget_train"][0])
+    m["mia"], m["mia_attack_auc"] = membership_attack(out["retain_train"][0], test_logits, out["forget_train"][0])
     if random_model is not None:
         ref_logits, _ = predict(random_model, splits.forget_train, device, batch_size, amp, desc="eval zrf")
         m["zrf"] = float(1.0 - js_divergence(out["forget_train"][0], ref_logits).mean())

@@ -29,6 +29,10 @@ PRETRAIN_SCHEDULES = {
     ("vit", "faces"): (8, [7], {}),
     ("resnet18", "digits"): (5, [3, 4], {"lr": 0.05}),
     ("resnet18", "digits5"): (5, [3, 4], {"lr": 0.05}),
+    # The digit pairs (16x16, a few thousand images): a width-16 ResNet18 on two CPU cores.
+    ("resnet18", "pairs100"): (5, [3, 4], {"lr": 0.05}),
+    ("resnet18", "pairs20"): (5, [3, 4], {"lr": 0.05}),
+    ("resnet18", "pairs10"): (3, [2], {"lr": 0.05}),
     ("vit", "digits"): (15, [10, 13], {}),
     ("vit", "digits5"): (15, [10, 13], {}),
 }

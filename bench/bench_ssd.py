@@ -251,7 +251,7 @@ def bench_mia(spec: dict, data: datasets.Data, args, device: torch.device) -> di
 
     def mia(batch_size: int) -> float:
         member, non_member, target = (training.predict(model, p, device, batch_size)[0] for p in parts)
-        return metrics.membership_attack(member, non_member, target)
+        return metrics.membership_attack(member, non_member, target)[0]
 
     mia(512)  # warm-up
     batched_all, single_all = [], []

@@ -174,7 +174,27 @@ def test_mia_is_near_half_when_the_model_saw_neither_set():
     # and a clear signal is found when the member entropies differ from the non-members'
     member, nonmember = torch.zeros(200, 10), torch.randn(200, 10) * 0.01
     member[:, 0] = 20.0
-    assert metrics.membership_attack(member, nonmember, member[:50]) == 100.0
+    assert metrics.membership_attack(member, nonmember, member[:50])[0] == 100.0
+
+
+def test_mia_attack_auc_measures_the_attacks_power():
+    """Memorised members (confident) against random non-members: the attack separates its own training
+    data perfectly. Members and non-members from one distribution: the attack is a coin."""
+    gen = torch.Generator().manual_seed(0)
+    memorised = torch.randn(300, 10, generator=gen)
+    memorised[torch.arange(300), torch.randint(0, 10, (300,), generator=gen)] += 25.0
+    unseen = torch.randn(300, 10, generator=gen)
+    mia, auc = metrics.membership_attack(memorised, unseen, memorised[:40])
+    assert auc > 0.99 and mia == 100.0
+    same_a, same_b = torch.randn(300, 10, generator=gen), torch.randn(300, 10, generator=gen)
+    _, auc = metrics.membership_attack(same_a, same_b, same_a[:40])
+    assert 0.4 < auc < 0.6
+    # through evaluate: an untrained model saw neither retain-train nor test, so its attack has no power
+    data = datasets.build_data("digits", image_size=16)
+    splits = datasets.build_splits("full_class", data, "three")
+    untrained = models.initial(models.make_spec("resnet18", 10, 16, width=4), pretrained=False, seed=0)
+    m = metrics.evaluate(untrained, splits, torch.device("cpu"))
+    assert 0.4 < m["mia_attack_auc"] < 0.6
 
 
 def test_zrf_is_one_for_identical_models_and_js_is_bounded():

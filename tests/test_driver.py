@@ -197,14 +197,14 @@ def test_resume_skips_runs_already_in_the_results_file(tiny_checkpoint, tmp_path
     assert experiments.todo(args, runs) == []
 
 
-def test_verdict_suite_covers_every_digit_class_with_its_methods_in_its_own_file():
+def test_verdict_suite_covers_ten_requests_per_pair_table_with_its_methods_in_its_own_file():
     args = experiments.parse_args(["cpu", "--suite", "verdict", "--print-commands"])
     runs = experiments.expand(args, experiments.select_tables(args))
     assert args.results == experiments.VERDICT_RESULTS and args.seeds == [1, 2]
     methods_per_run = {r.argv[r.argv.index("--method") + 1] for r in runs}
     assert methods_per_run == set(experiments.VERDICT_METHODS)
-    per_table = {t: len([r for r in runs if r.table == t]) for t in experiments.QUICK_TABLES}
+    per_table = {t: len([r for r in runs if r.table == t]) for t in experiments.VERDICT_TABLES}
     n = len(experiments.VERDICT_METHODS) * 2
-    assert per_table == {"digits_full_resnet": 10 * n, "digits5_sub_resnet": 10 * n, "digits_random_resnet": n}
+    assert per_table == {"pairs100_full_resnet": 10 * n, "pairs20_sub_resnet": 10 * n, "pairs10_random_resnet": 10 * n}
     assert experiments.parse_args(["cpu", "--suite", "verdict", "--print-commands", "--results", "x.jsonl"]
                                   ).results == "x.jsonl"
