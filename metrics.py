@@ -52,9 +52,15 @@ def js_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tenso
 
 
 def evaluate(model: nn.Module, splits: Splits, device: torch.device, random_model: nn.Module | None = None,
-             batch_size: int = 512, amp: bool = False) -> dict:
+             batch_size: int = 512, amp: bool = False, per_example: dict | None = None) -> dict:
     """All metrics for one unlearned model. `random_model`, a freshly initialised model of the same
-    architecture, is the reference for ZRF (Chundawat et al.); without it ZRF is skipped."""
+    architecture, is the reference for ZRF (Chundawat et al.); without it ZRF is skipped.
+
+    `loss_auc` is the AUC with which a lower per-example loss says "forget-train" against the forget
+    set's unseen counterpart: the test images of the same class (class scenarios, SCRUB's pairing) or
+    the whole test set (random forgetting); 0.5 means D_f looks like unseen data. A `per_example`
+    dict receives each example's phi (privacy_stats.phi) on both sets, for many-model statistics."""
+    import privacy_stats
     out = {}
     for name in ("forget_train", "retain_train", "forget_test", "retain_test"):
         out[name] = predict(model, getattr(splits, name), device, batch_size, amp, desc=f"eval {name}")
@@ -65,6 +71,14 @@ def evaluate(model: nn.Module, splits: Splits, device: torch.device, random_mode
     m["test_acc"] = _acc(test_logits, test_y)
     m["df"] = m[f"{splits.df_split}_acc"]
     m["mia"], m["mia_attack_auc"] = membership_attack(out["retain_train"][0], test_logits, out["forget_train"][0])
+    counterpart = out["forget_test"] if splits.df_split == "forget_test" else (test_logits, test_y)
+    losses = [F.cross_entropy(z, y, reduction="none").numpy() if len(y) else [] for z, y in (out["forget_train"],
+                                                                                           counterpart)]
+    # a model whose outputs hold NaN (a collapsed one) has no loss order; its other metrics still count
+    m["loss_auc"] = None if any(np.isnan(x).any() for x in losses) else privacy_stats.loss_auc(*losses)
+    if per_example is not None:
+        per_example["phi_forget"] = privacy_stats.phi(*out["forget_train"]).astype(np.float32)
+        per_example["phi_counterpart"] = privacy_stats.phi(*counterpart).astype(np.float32)
     if random_model is not None:
         ref_logits, _ = predict(random_model, splits.forget_train, device, batch_size, amp, desc="eval zrf")
         m["zrf"] = float(1.0 - js_divergence(out["forget_train"][0], ref_logits).mean())

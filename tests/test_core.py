@@ -321,3 +321,32 @@ def test_help_documents_every_flag():
     parser = runner.build_parser("full_class", SSD_PARAMS, "")
     for action in parser._actions:
         assert action.help, f"{action.option_strings} has no help"
+
+
+def test_loss_auc_and_per_example_phi_come_from_the_evaluation_pass():
+    """A model that memorised its forget set has a forget-train loss below its test counterpart's;
+    an untrained one does not; phi is kept per example for both sets."""
+    data = datasets.build_data("digits", image_size=16)
+    splits = datasets.build_splits("full_class", data, "three")
+    untrained = models.initial(models.make_spec("resnet18", 10, 16, width=4), pretrained=False, seed=0)
+    kept = {}
+    m = metrics.evaluate(untrained, splits, torch.device("cpu"), per_example=kept)
+    assert 0.35 < m["loss_auc"] < 0.65
+    assert kept["phi_forget"].shape == (len(splits.forget_idx),)
+    assert kept["phi_counterpart"].shape == (len(splits.forget_test_idx),)
+    assert np.isfinite(kept["phi_forget"]).all()
+
+    class Oracle(torch.nn.Module):  # confident and right on forget-train, unsure on everything else
+        def __init__(self, memorised):
+            super().__init__()
+            self.memorised = memorised
+
+        def forward(self, x):
+            hit = torch.tensor([any(torch.equal(v, u) for u in self.memorised) for v in x])
+            logits = torch.zeros(len(x), 10)
+            logits[hit, 3] = 30.0
+            return logits
+
+    forget_images = torch.stack([splits.forget_train[i][0] for i in range(len(splits.forget_idx))])
+    m = metrics.evaluate(Oracle(forget_images), splits, torch.device("cpu"))
+    assert m["loss_auc"] == 1.0
