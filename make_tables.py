@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 import results
-from common import ArgumentParser, UserError, check_output_dir, non_negative_float, run_cli
+from cli import ArgumentParser, run_cli
+from common import UserError, check_output_dir, non_negative_float
 
 SHORT_SCENARIO = {"full_class": "full", "sub_class": "sub", "random": "random"}
 SHORT_NET = {"resnet18": "resnet", "vit": "vit"}
