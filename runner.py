@@ -105,6 +105,9 @@ class RunConfig:
                                    argv)
         method = methods.REGISTRY.get(values["method"])
         hp = method.params(**{n: values[n] for n in method.param_names}) if method else None
+        for f in {f.name: f for m in methods.REGISTRY.values() for f in fields(m.params)}.values():
+            if values[f.name] is not None and (method is None or f.name not in method.param_names):
+                _check_hyper(f, values[f.name])  # another method's flag: unused, but a bad value is a mistake
         config = cls(scenario, hp=hp, **{f.name: values.get(f.name) for f in fields(cls)
                                          if f.name not in ("scenario", "hp")})
         return config.resolve(ssd_params)
@@ -211,20 +214,25 @@ def _resolve_hp(scenario: str, v: dict, ssd_params: dict | None):
         values["alpha"] = found[0] if values["alpha"] is None else values["alpha"]
         values["lam"] = found[1] if values["lam"] is None else values["lam"]
     for f in fields(hp):
-        meta, value = f.metadata, values[f.name]
+        value = values[f.name]
         if value is None:
-            value = values[f.name] = meta.get("by_scenario", {}).get(scenario)
-        if value is None and f.default is None:
-            continue
-        name = _named(f.name, meta.get("flag"))
-        kind = meta.get("type", type(f.default))
-        if kind is str:
-            if not isinstance(value, str) or value not in meta.get("choices", [value]):
-                raise UserError(f"{name}: {value!r} is not one of {', '.join(meta.get('choices', []))} "
-                                f"(pass one of them)")
-        else:
-            values[f.name] = (kind if isinstance(kind, Number) else Number(kind, 0)).check(value, name)
+            value = values[f.name] = f.metadata.get("by_scenario", {}).get(scenario)
+        if value is not None or f.default is not None:
+            values[f.name] = _check_hyper(f, value)
     return method.params(**values)
+
+
+def _check_hyper(f, value):
+    """A hyperparameter's value against the range (a common.Number, else finite and >= 0) or the choices
+    declared beside it in methods.py; returned as its type."""
+    meta = f.metadata
+    name = _named(f.name, meta.get("flag"))
+    kind = meta.get("type", type(f.default))
+    if kind is not str:
+        return (kind if isinstance(kind, Number) else Number(kind, 0)).check(value, name)
+    if not isinstance(value, str) or value not in meta.get("choices", [value]):
+        raise UserError(f"{name}: {value!r} is not one of {', '.join(meta.get('choices', []))} (pass one of them)")
+    return value
 
 
 # Fields of a run's config that define it for every method; the chosen method's own hyperparameters
