@@ -79,8 +79,9 @@ def table_name(config: dict) -> str:
 
 
 def load_file(path: str | Path) -> list[dict]:
-    if not Path(path).is_file():
-        raise UserError(f"results file {path} not found")
+    """The results file's records and those of its runs' own files (results.read merges them)."""
+    if not Path(path).is_file() and not results.record_dir(path).is_dir():
+        raise UserError(f"results file {path} not found (nor its runs' folder {results.record_dir(path)})")
     return results.read(path)
 
 
