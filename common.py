@@ -6,6 +6,7 @@ import argparse
 import hashlib
 import json
 import math
+import numbers
 import os
 import random
 import tempfile
@@ -166,7 +167,7 @@ class Number:
 
     def check(self, value, name: str):
         """`value` as `kind` (an int is a float too), or a UserError naming `name`."""
-        if isinstance(value, bool) or not isinstance(value, int if self.kind is int else (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral if self.kind is int else numbers.Real):
             raise UserError(f"{name}: {value!r} is not {self.what} (pass {self.description})")
         if not self.in_range(value):
             raise UserError(f"{name}: {value!r} is out of range (pass {self.description})")

@@ -206,17 +206,21 @@ def expand(args, tables: dict[str, Table]) -> list[Run]:
                 datasets.resolve_class(cls, names, "sub-class" if t.scenario == "sub_class" else "class")
             except UserError as e:
                 raise UserError(f"table {name} ({t.dataset}): {e}") from None
+        # the table's flags and --extra, as the task script would parse them; they win over the grid's
         given = cli.forget_values(cli.forget_parser(t.scenario, None), [*t.forget_flags, *args.extra])
-        run_fields = {k: v for k, v in given.items() if k in {f.name for f in fields(runner.RunConfig)}}
+        overrides = {k: v for k, v in given.items() if k in {f.name for f in fields(runner.RunConfig)}}
+        for axis, flag in (("method", "--methods"), ("seed", "--seeds"), ("forget_class", "--classes")):
+            if axis in overrides:
+                raise UserError(f"--extra sets {axis}, which the grid sets for each run (use {flag})")
         for seed in args.seeds:
             for cls in classes:
                 for method in args.methods:
-                    own = {k: v for k, v in given.items() if k in methods.REGISTRY[method].param_names}
-                    config = runner.RunConfig(
-                        t.scenario, method=method, hp=methods.REGISTRY[method].params(**own) if own else None,
-                        net=t.net, dataset=t.dataset, forget_class=cls, seed=seed, results=args.results,
-                        checkpoint_dir=args.checkpoint_dir, data_dir=args.data_dir, separate_records=args.slurm,
-                        **run_fields)
+                    values = {"method": method, "net": t.net, "dataset": t.dataset, "forget_class": cls, "seed": seed,
+                              "results": args.results, "checkpoint_dir": args.checkpoint_dir,
+                              "data_dir": args.data_dir, "separate_records": args.slurm, **overrides}
+                    params = methods.REGISTRY[method].params
+                    own = {k: v for k, v in given.items() if k in {f.name for f in fields(params)}}
+                    config = runner.RunConfig(t.scenario, hp=params(**own) if own else None, **values)
                     label = f"{name} {method} {cls or ''} seed{seed}".replace("  ", " ")
                     runs.append(Run(name, config, label))
     return runs
@@ -228,19 +232,32 @@ def pretrain_commands(args, tables: dict[str, Table]) -> dict[str, list[str]]:
     for t in tables.values():
         for seed in args.seeds:
             label = f"pretrain {t.net} {t.dataset} seed{seed}"
-            if label in cmds or has_checkpoint(args, t.net, t.dataset, seed):
+            if label in cmds or has_checkpoint(args.checkpoint_dir, t.net, t.dataset, seed):
                 continue
             cmds[label] = ["pretrain_model.py", "--net", t.net, "--dataset", t.dataset, "--seed", str(seed),
                            "--checkpoint-dir", args.checkpoint_dir, "--data-dir", args.data_dir, *t.pretrain_flags]
     return cmds
 
 
-def has_checkpoint(args, net: str, dataset: str, seed: int) -> bool:
+def has_checkpoint(checkpoint_dir: str, net: str, dataset: str, seed: int) -> bool:
     try:
-        models.find_checkpoint(args.checkpoint_dir, net, dataset, seed)
+        models.find_checkpoint(checkpoint_dir, net, dataset, seed)
         return True
     except UserError:
         return False
+
+
+def without_checkpoint(runs: list[Run]) -> list[Run]:
+    """The runs whose checkpoint is missing (after pretraining: its pretraining failed)."""
+    found, missing = {}, []
+    for r in runs:
+        c = r.config
+        where = (c.checkpoint_dir, c.net, c.dataset, c.seed if c.model_seed is None else c.model_seed)
+        if where not in found:
+            found[where] = has_checkpoint(*where)
+        if not c.weights and not found[where]:
+            missing.append(r)
+    return missing
 
 
 def todo(args, runs: list[Run]) -> list[Run]:
@@ -274,9 +291,9 @@ def main(argv=None) -> int:
         print("note: the quick suite uses the paper's alpha and lambda; --extra '--alpha X' overrides them")
     t0 = time.time()
     failures = cluster.pretrain(args, pretrain) if args.slurm else worker.run_local(args, list(pretrain.items()))
-    runnable = [r for r in runs if has_checkpoint(args, r.config.net, r.config.dataset, r.config.seed)
-                or r.config.weights]
-    failures += [(r.label, "", "no checkpoint: its pretraining failed") for r in runs if r not in runnable]
+    missing = {id(r): r for r in without_checkpoint(runs)}
+    failures += [(r.label, "", "no checkpoint: its pretraining failed") for r in missing.values()]
+    runnable = [r for r in runs if id(r) not in missing]
     left = todo(args, runnable)
     print(f"{len(runnable) - len(left)} runs already done, {len(left)} to run")
     failures += cluster.forget(args, left) if args.slurm else worker.run_local(args, [(r.label, r.config) for r in left])

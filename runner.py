@@ -180,8 +180,8 @@ def _check_forget_request(v: dict) -> None:
     scenario, forget_class = v["scenario"], v["forget_class"]
     if scenario == "random":
         if forget_class is not None:
-            raise UserError(f"random forgetting draws its samples, it takes no forget_class (pass forget_count "
-                            f"or forget_fraction, or scenario full_class), got {forget_class!r}")
+            raise UserError(f"random forgetting draws its samples and takes no forget_class, got {forget_class!r} "
+                            f"(pass forget_count or forget_fraction, or use scenario full_class)")
         if v["forget_count"] is not None and v["forget_fraction"] is not None:
             raise UserError("forget_count (--forget-count) and forget_fraction (--forget-fraction) exclude each "
                             "other (pass one of them)")
