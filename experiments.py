@@ -223,6 +223,12 @@ def expand(args, tables: dict[str, Table]) -> list[Run]:
                     config = runner.RunConfig(t.scenario, hp=params(**own) if own else None, **values)
                     label = f"{name} {method} {cls or ''} seed{seed}".replace("  ", " ")
                     runs.append(Run(name, config, label))
+        for method in args.methods:  # a bad --extra value fails here, once, and not in every run
+            try:  # (the device is the slot's or the cluster's)
+                replace(next(r for r in runs if r.table == name and r.config.method == method).config,
+                        device="cpu").resolve()
+            except UserError as e:
+                raise UserError(f"table {name}, {method}: {e}") from None
     return runs
 
 

@@ -290,8 +290,7 @@ def plan(config: RunConfig, cache: Cache | None = None) -> Plan:
     results.check_writable(c.results, separate=c.separate_records)
     if c.importance_cache:
         check_output_dir(c.importance_cache, "--importance-cache")
-    weights = Path(c.weights) if c.weights else models.find_checkpoint(c.checkpoint_dir, c.net, c.dataset,
-                                                                            c.model_seed)
+    weights = Path(c.weights or models.find_checkpoint(c.checkpoint_dir, c.net, c.dataset, c.model_seed))
     if weights.is_dir():
         weights = weights / "model.pt"
     meta = models.load_meta(weights)

@@ -18,7 +18,6 @@ import forget_full_class_main
 import methods
 import models
 import pretrain_model
-import runner
 from common import UserError
 from conftest import SSD_PARAMS, plan_argv, run_argv, write_cifar
 

@@ -15,7 +15,6 @@ from torch import nn
 
 import datasets
 import methods
-import runner
 import ssd
 from conftest import method_args, run_argv
 

@@ -24,7 +24,6 @@ import methods
 import models
 import pretrain_model
 import results
-import runner
 import training
 from cli import run_cli
 from conftest import plan_argv, run_argv
@@ -241,6 +240,8 @@ OWN_CASES = {
                                            "--classes", "rocket vehicle2"), r"unknown sub-class 'vehicle2'", None),
     "driver-extra-flag": (_other_entry(experiments, "cpu", "--extra", "--alhpa 3", "--results", "TMP/r.jsonl"),
                           r"unrecognized arguments: --alhpa 3", None),
+    "driver-extra-value": (_other_entry(experiments, "cpu", "--extra", "--alpha -1", "--results", "TMP/r.jsonl"),
+                           r"table digits_full_resnet, ssd: alpha \(--alpha\): -1.0 is out of range", None),
     "tables-out-is-a-file": (_other_entry(make_tables, "--results", "TMP/r.jsonl", "--out", "TMP/afile"),
                              r"--out: cannot use .*afile as a folder", _file("afile")),
     "tables-std-floor": (_other_entry(make_tables, "--std-floor", "-1"), r"--std-floor: -1 is out", None),
