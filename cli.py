@@ -195,11 +195,6 @@ def forget_parser(scenario: str, defaults: dict | None, ssd_params: dict | None 
     return p
 
 
-def forget_values(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict:
-    """Field name -> value for the flags of `argv` (every field, or only those given: see forget_parser)."""
-    return vars(parser.parse_args(argv))
-
-
 def forget_argv(parser: argparse.ArgumentParser, values: dict, always: tuple[str, ...]) -> list[str]:
     """The flags that give `values` (fields -> values): each value that differs from its flag's default,
     and the fields in `always` (those that name a run) even at their defaults."""

@@ -207,7 +207,7 @@ def expand(args, tables: dict[str, Table]) -> list[Run]:
             except UserError as e:
                 raise UserError(f"table {name} ({t.dataset}): {e}") from None
         # the table's flags and --extra, as the task script would parse them; they win over the grid's
-        given = cli.forget_values(cli.forget_parser(t.scenario, None), [*t.forget_flags, *args.extra])
+        given = vars(cli.forget_parser(t.scenario, None).parse_args([*t.forget_flags, *args.extra]))
         overrides = {k: v for k, v in given.items() if k in {f.name for f in fields(runner.RunConfig)}}
         for axis, flag in (("method", "--methods"), ("seed", "--seeds"), ("forget_class", "--classes")):
             if axis in overrides:

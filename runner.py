@@ -101,8 +101,7 @@ class RunConfig:
     def from_argv(cls, scenario: str, argv: list[str] | None = None, ssd_params: dict | None = None,
                   description: str = "") -> RunConfig:
         """The resolved config of a task script's command line; `ssd_params` is the script's SSD_PARAMS."""
-        values = cli.forget_values(cli.forget_parser(scenario, parser_defaults(scenario), ssd_params, description),
-                                   argv)
+        values = vars(cli.forget_parser(scenario, parser_defaults(scenario), ssd_params, description).parse_args(argv))
         method = methods.REGISTRY.get(values["method"])
         hp = method.params(**{n: values[n] for n in method.param_names}) if method else None
         for f in {f.name: f for m in methods.REGISTRY.values() for f in fields(m.params)}.values():

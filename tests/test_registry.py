@@ -77,7 +77,7 @@ def _old_rule_record(p: runner.Plan) -> dict:
     """A results line as the suite wrote it before: every flag in the config, and the key a hash of the
     whole config minus the fields that say where a run happens."""
     scenario = p.config.scenario
-    flags = cli.forget_values(cli.forget_parser(scenario, runner.parser_defaults(scenario)), p.config.to_argv())
+    flags = vars(cli.forget_parser(scenario, runner.parser_defaults(scenario)).parse_args(p.config.to_argv()))
     del flags["separate_records"]  # a flag added since
     config = {"scenario": scenario, **flags, "forget_class": p.record_config["forget_class"],
               "checkpoint_sha256": p.record_config["checkpoint_sha256"], "model_spec": p.record_config["model_spec"],
