@@ -4,7 +4,8 @@
 #   ./MAIN_run_experiments.sh 0               the paper grid on GPU 0
 #   ./MAIN_run_experiments.sh 0,1,2,3         the paper grid, one run at a time on each GPU
 #   ./MAIN_run_experiments.sh 0 --table cifar100_full_resnet --seeds "1 2 3"
-#   ./MAIN_run_experiments.sh --print-commands --table cifar20_sub_vit    # for SLURM or GNU parallel
+#   ./MAIN_run_experiments.sh --slurm --slurm-partition gpu --table cifar20_sub_vit   # SLURM job arrays
+#   ./MAIN_run_experiments.sh --print-commands --table cifar20_sub_vit    # one command per run (GNU parallel)
 #   ./MAIN_run_experiments.sh --help          every flag (environment variables SUITE, TABLE, SEEDS,
 #                                             METHODS, CLASSES, RESULTS work too)
 # Completed runs are skipped, so after an interruption the same command continues where it stopped.

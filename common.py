@@ -1,10 +1,12 @@
-"""Small things every module needs: the user-error type, seeding, atomic writes, hashing."""
+"""Small things every module needs: the user-error type, value ranges, seeding, atomic writes, hashing,
+devices and output paths. The command-line layer is cli.py."""
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
 import math
+import numbers
 import os
 import random
 import tempfile
@@ -124,79 +126,60 @@ def git_commit() -> str | None:
         return None
 
 
-def run_cli(main, *args) -> None:
-    """Run a script's main: a UserError becomes `error: ...` and exit status 2, never a traceback."""
-    import sys
+# --- values and their ranges ------------------------------------------------------------------------
+# Every entry point checks its input here, before it loads a checkpoint or computes anything, so bad
+# input costs a second and never a run.
 
-    try:
-        code = main(*args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted; results and checkpoints hold only completed work", file=sys.stderr)
-        sys.exit(130)
-    except BrokenPipeError:  # output piped into `head` and the like: stop quietly, as other tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(141)
-    sys.exit(code if isinstance(code, int) else 0)
+class Number:
+    """A numeric range, declared once and used wherever a value enters: as an argparse `type=` it parses
+    text and checks the range; `parse` only converts text (for flags whose value is checked later, as a
+    RunConfig field); `check` takes a value given in Python."""
 
+    def __init__(self, kind: type = float, low: float | None = None, high: float | None = None, *,
+                 low_open: bool = False, high_open: bool = False, inf: bool = False):
+        self.kind, self.low, self.high, self.low_open, self.high_open, self.inf = kind, low, high, low_open, \
+            high_open, inf
+        self.what = "an integer" if kind is int else "a number"
+        show = (lambda v: str(int(v))) if kind is int else (lambda v: f"{v:g}")
+        bounds = [f"{'>' if low_open else '>='} {show(low)}" if low is not None else "",
+                  f"{'<' if high_open else '<='} {show(high)}" if high is not None else ""]
+        self.description = f"{self.what} {' and '.join(b for b in bounds if b)}".strip() + (", or inf" if inf else "")
+        self.__name__ = self.description  # argparse names the type in some messages
 
-# --- validation -----------------------------------------------------------------------------------
-# Every entry point checks its flags, devices and output paths here, before it loads a checkpoint or
-# computes anything, so bad input costs a second and never a run.
+    def in_range(self, value) -> bool:
+        if self.kind is float and (math.isnan(value) or math.isinf(value) and not self.inf):
+            return False
+        low, high = self.low, self.high
+        return not (low is not None and (value <= low if self.low_open else value < low)
+                    or high is not None and (value >= high if self.high_open else value > high))
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose mistakes are UserErrors: one `error: <problem> (<fix>)` line and status 2, no usage
-    dump. A numeric flag declared with plain `type=int` or `type=float` must still be finite and >= 0;
-    flags with another range declare it with `number(...)`."""
-
-    def error(self, message: str):
-        raise UserError(message if message.endswith(")") else f"{message} (see {self.prog} --help)")
-
-    def parse_known_args(self, args=None, namespace=None):
-        parsed, extra = super().parse_known_args(args, namespace)
-        for action in self._actions:
-            if action.type in (int, float):
-                values = getattr(parsed, action.dest, None)
-                for v in values if isinstance(values, list) else [values]:
-                    if v is not None and not (math.isfinite(v) and v >= 0):
-                        self.error(f"argument {'/'.join(action.option_strings)}: {v} is not a finite number "
-                                   f">= 0 (pass a non-negative value)")
-        return parsed, extra
-
-
-def number(kind: type = float, low: float | None = None, high: float | None = None, *, low_open: bool = False,
-           high_open: bool = False, inf: bool = False):
-    """An argparse `type=` that parses an int or a finite float (inf too if `inf`) within a range."""
-    what = "an integer" if kind is int else "a number"
-    show = (lambda v: str(int(v))) if kind is int else (lambda v: f"{v:g}")
-    bounds = [f"{'>' if low_open else '>='} {show(low)}" if low is not None else "",
-              f"{'<' if high_open else '<='} {show(high)}" if high is not None else ""]
-    desc = f"{what} {' and '.join(b for b in bounds if b)}".strip() + (", or inf" if inf else "")
-
-    def parse(text: str):
+    def parse(self, text: str):
         try:
-            value = kind(text)
+            return self.kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what} (pass {desc})") from None
-        bad = (math.isnan(value) or (math.isinf(value) and not inf) if kind is float else False) \
-            or low is not None and (value <= low if low_open else value < low) \
-            or high is not None and (value >= high if high_open else value > high)
-        if bad:
-            raise argparse.ArgumentTypeError(f"{text} is out of range (pass {desc})")
+            raise argparse.ArgumentTypeError(f"{text!r} is not {self.what} (pass {self.description})") from None
+
+    def __call__(self, text: str):
+        value = self.parse(text)
+        if not self.in_range(value):
+            raise argparse.ArgumentTypeError(f"{text} is out of range (pass {self.description})")
         return value
 
-    parse.__name__ = desc  # argparse names the type in some messages
-    return parse
+    def check(self, value, name: str):
+        """`value` as `kind` (an int is a float too), or a UserError naming `name`."""
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral if self.kind is int else numbers.Real):
+            raise UserError(f"{name}: {value!r} is not {self.what} (pass {self.description})")
+        if not self.in_range(value):
+            raise UserError(f"{name}: {value!r} is out of range (pass {self.description})")
+        return self.kind(value)
 
 
-positive_int = number(int, 1)
-non_negative_int = number(int, 0)
-seed_int = number(int, 0, 2**31 - 1)  # numpy takes seeds < 2**32, and runs derive seed + k from it
-positive_float = number(float, 0, low_open=True)
-non_negative_float = number(float, 0)
-fraction = number(float, 0, 1, low_open=True, high_open=True)  # strictly between 0 and 1
+positive_int = Number(int, 1)
+non_negative_int = Number(int, 0)
+seed_int = Number(int, 0, 2**31 - 1)  # numpy takes seeds < 2**32, and runs derive seed + k from it
+positive_float = Number(float, 0, low_open=True)
+non_negative_float = Number(float, 0)
+fraction = Number(float, 0, 1, low_open=True, high_open=True)  # strictly between 0 and 1
 
 
 def device_string(name: str) -> str:
@@ -252,51 +235,3 @@ def check_output_file(path: str | Path, flag: str) -> None:
     check_output_dir(path.parent, flag)
     if path.exists() and not os.access(path, os.R_OK):
         raise UserError(f"{flag}: {path} exists but cannot be read (fix its permissions, or pass another file)")
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the description's line breaks (usage examples) and shows each default once: not when the
-    help already speaks of its default, and not for None or a switch that is off."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        help = action.help or ""
-        if ("default" in help or action.default is None or action.default is False
-                or action.default == argparse.SUPPRESS or not action.option_strings):
-            return help
-        return help + " (default: %(default)s)"
-
-
-# Flags that several entry points share: declared here once, added with add_shared_flags.
-SHARED_FLAGS = {
-    "net": (("--net", "-net"), dict(default="resnet18", help="architecture (resnet18 or vit)")),
-    "dataset": (("--dataset", "-dataset"), dict(default="digits", help="dataset (digits and digits5 are embedded "
-                                                                         "and need no download)")),
-    "seed": (("--seed", "-seed"), dict(type=seed_int, default=0, help="seeds python, numpy and torch")),
-    "device": (("--device",), dict(default="auto", type=device_string, help="auto, cpu, cuda or cuda:N")),
-    "amp": (("--amp",), dict(action="store_true", help="bf16 autocast in importances, training and evaluation")),
-    "deterministic": (("--deterministic",), dict(
-        action="store_true", help="deterministic kernels (cuDNN, cuBLAS, torch's deterministic mode): GPU reruns "
-                                  "repeat bit for bit, more slowly; ops without a deterministic kernel warn")),
-    "checkpoint_dir": (("--checkpoint-dir",), dict(default="runs/pretrain",
-                                                    help="folder of the original models, one sub-folder each")),
-    "data_dir": (("--data-dir",), dict(default="data", help="root folder of the datasets (CIFAR is downloaded "
-                                                            "there if missing)")),
-    "no_download": (("--no-download",), dict(action="store_true", help="never try to download a missing dataset")),
-    "results": (("--results",), dict(default="runs/results.jsonl", help="JSON-lines results file, one line per run")),
-}
-
-
-def add_shared_flags(parser: argparse.ArgumentParser, *names: str, **defaults) -> None:
-    """Add the named shared flags; keyword arguments override a flag's default (or help, as `<name>_help`)."""
-    import datasets
-    import models
-
-    choices = {"net": models.NETS, "dataset": datasets.DATASETS}
-    for name in names:
-        flags, kwargs = SHARED_FLAGS[name]
-        kwargs = {**kwargs, **({"choices": choices[name]} if name in choices else {})}
-        if name in defaults:
-            kwargs["default"] = defaults[name]
-        if f"{name}_help" in defaults:
-            kwargs["help"] = defaults[f"{name}_help"]
-        parser.add_argument(*flags, **kwargs)

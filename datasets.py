@@ -89,6 +89,11 @@ MIRRORS = {"pairs100": "cifar100", "pairs20": "cifar20", "pairs10": "cifar10"}
 PAPER_RATIOS = {("cifar100", "full_class"): 100, ("cifar20", "full_class"): 20, ("cifar20", "sub_class"): 100,
                 ("cifar10", "random"): 500}
 
+# dataset -> (names of the training targets, names of the fine labels), for every set but faces
+CLASS_NAMES = {"cifar10": (CIFAR10_CLASSES, CIFAR10_CLASSES), "cifar20": (CIFAR20_CLASSES, CIFAR100_CLASSES),
+               "cifar100": (CIFAR100_CLASSES, CIFAR100_CLASSES), "digits": (DIGIT_CLASSES, DIGIT_CLASSES),
+               "digits5": (DIGITS5_CLASSES, DIGIT_CLASSES), "pairs100": (PAIRS100_CLASSES, PAIRS100_CLASSES),
+               "pairs20": (PAIRS20_CLASSES, PAIRS100_CLASSES), "pairs10": (PAIRS10_CLASSES, PAIRS100_CLASSES)}
 DATASETS = ("cifar10", "cifar20", "cifar100", "faces", "digits", "digits5", "pairs100", "pairs20", "pairs10")
 EMBEDDED = ("digits", "digits5", "pairs100", "pairs20", "pairs10")
 SCENARIOS = ("full_class", "sub_class", "random")
@@ -272,24 +277,21 @@ def build_data(name: str, data_dir: str | Path = "data", image_size: int | None 
         cls = _CIFAR10 if name == "cifar10" else _CIFAR100
         tr, te = _load_cifar(cls, root, download)
         to_target = CIFAR100_TO_20 if name == "cifar20" else None
-        fine_classes = CIFAR10_CLASSES if name == "cifar10" else CIFAR100_CLASSES
-        classes = CIFAR20_CLASSES if name == "cifar20" else fine_classes
+        classes, fine_classes = CLASS_NAMES[name]
         train = LabeledImages(tr, np.array(tr.targets), to_target)
         test = LabeledImages(te, np.array(te.targets), to_target)
     elif name in ("digits", "digits5"):
         native = image_size or 32
         (xtr, ytr), (xte, yte) = digits_arrays(native)
         to_target = DIGITS_TO_5 if name == "digits5" else None
-        fine_classes = DIGIT_CLASSES
-        classes = DIGITS5_CLASSES if name == "digits5" else DIGIT_CLASSES
+        classes, fine_classes = CLASS_NAMES[name]
         train = LabeledImages(_UInt8Images(xtr), ytr, to_target)
         test = LabeledImages(_UInt8Images(xte), yte, to_target)
     elif name in ("pairs100", "pairs20", "pairs10"):
         native = 16
         (xtr, ftr, _), (xte, fte, _) = pair_arrays(name)
-        to_target, classes = {"pairs100": (None, PAIRS100_CLASSES), "pairs20": (PAIRS100_TO_20, PAIRS20_CLASSES),
-                              "pairs10": (np.arange(100) // 10, PAIRS10_CLASSES)}[name]
-        fine_classes = PAIRS100_CLASSES
+        to_target = {"pairs100": None, "pairs20": PAIRS100_TO_20, "pairs10": np.arange(100) // 10}[name]
+        classes, fine_classes = CLASS_NAMES[name]
         train = LabeledImages(_UInt8Images(xtr), ftr, to_target)
         test = LabeledImages(_UInt8Images(xte), fte, to_target)
     else:  # faces: an image folder with one sub-folder per identity, split here (the original had no split)

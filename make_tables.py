@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 import results
-from common import ArgumentParser, UserError, check_output_dir, non_negative_float, run_cli
+from cli import ArgumentParser, run_cli
+from common import UserError, check_output_dir, non_negative_float
 
 SHORT_SCENARIO = {"full_class": "full", "sub_class": "sub", "random": "random"}
 SHORT_NET = {"resnet18": "resnet", "vit": "vit"}
@@ -88,8 +89,9 @@ def table_name(config: dict) -> str:
 
 
 def load_file(path: str | Path) -> list[dict]:
-    if not Path(path).is_file():
-        raise UserError(f"results file {path} not found")
+    """The results file's records and those of its runs' own files (results.read merges them)."""
+    if not Path(path).is_file() and not results.record_dir(path).is_dir():
+        raise UserError(f"results file {path} not found (nor its runs' folder {results.record_dir(path)})")
     return results.read(path)
 
 

@@ -12,11 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from datasets import Splits
-from training import predict
-
-
-def _acc(logits: torch.Tensor, y: torch.Tensor) -> float | None:
-    return 100.0 * float((logits.argmax(1) == y).float().mean()) if len(y) else None
+from training import accuracy, predict
 
 
 def entropy(logits: torch.Tensor) -> np.ndarray:
@@ -67,8 +63,8 @@ def evaluate(model: nn.Module, splits: Splits, device: torch.device, random_mode
     test_logits = torch.cat([out["forget_test"][0], out["retain_test"][0]]) if len(out["forget_test"][1]) \
         else out["retain_test"][0]
     test_y = torch.cat([out["forget_test"][1], out["retain_test"][1]])
-    m = {f"{name}_acc": _acc(*out[name]) for name in out}
-    m["test_acc"] = _acc(test_logits, test_y)
+    m = {f"{name}_acc": accuracy(*out[name]) for name in out}
+    m["test_acc"] = accuracy(test_logits, test_y)
     m["df"] = m[f"{splits.df_split}_acc"]
     m["mia"], m["mia_attack_auc"] = membership_attack(out["retain_train"][0], test_logits, out["forget_train"][0])
     counterpart = out["forget_test"] if splits.df_split == "forget_test" else (test_logits, test_y)

@@ -1,15 +1,20 @@
-"""Models: the CIFAR-stem ResNet18 and a ViT from `transformers`.
+"""Models: the CIFAR-stem ResNet18 and a ViT from `transformers`, and their checkpoints.
 
 A model is fully described by a small dict, its *spec* (net, num_classes, image_size and a few
-options), stored in each checkpoint's metadata so the model can be rebuilt without guessing.
+options), stored in each checkpoint's metadata so the model can be rebuilt without guessing. A
+checkpoint is a folder with model.pt (the state dict) and meta.json (spec, seed, recipe, sha256...),
+as pretrain_model.py writes it.
 """
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from common import UserError
+from common import UserError, file_sha256
 
 NETS = ("resnet18", "vit")
 VIT_DEFAULT_NAME = "google/vit-base-patch16-224"
@@ -121,3 +126,62 @@ def reset_head_(model: nn.Module, seed: int) -> nn.Module:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+def find_checkpoint(checkpoint_dir: str | Path, net: str, dataset: str, seed: int) -> Path:
+    """The model.pt whose meta.json matches (net, dataset, seed)."""
+    found = []
+    for meta_path in sorted(Path(checkpoint_dir).glob("*/meta.json")):
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if meta.get("net") == net and meta.get("dataset") == dataset and meta.get("seed") == seed:
+            found.append(meta_path.parent / "model.pt")
+    if not found:
+        raise UserError(f"no checkpoint for net={net} dataset={dataset} seed={seed} in {checkpoint_dir} "
+                        f"(run: python pretrain_model.py --net {net} --dataset {dataset} --seed {seed}, "
+                        f"or pass --weights)")
+    if len(found) > 1:
+        raise UserError(f"several checkpoints match net={net} dataset={dataset} seed={seed}: "
+                        f"{', '.join(map(str, found))} (pass one with --weights)")
+    return found[0]
+
+
+def load_meta(weights: Path) -> dict:
+    meta_path = weights.parent / "meta.json"
+    if not weights.is_file():
+        raise UserError(f"checkpoint {weights} not found (pretrain it with pretrain_model.py, or fix --weights)")
+    try:
+        return json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"metadata {meta_path} is missing or unreadable ({type(e).__name__}) "
+                        f"(re-run pretrain_model.py, which writes both files)") from None
+
+
+def load_checkpoint(weights: Path, meta: dict, kept: dict | None = None) -> nn.Module:
+    """Rebuild the model from its metadata and load the weights safely, after checking the file hash.
+    `kept` holds the weights of the last checkpoint loaded, by path and sha256, for the next run in the
+    process (runner.Cache.weights)."""
+    digest = file_sha256(weights) if meta.get("sha256") or kept is not None else None
+    if meta.get("sha256") and digest != meta["sha256"]:
+        raise UserError(f"checkpoint {weights} does not match the hash in its meta.json: the file was changed "
+                        f"or truncated (re-run pretrain_model.py)")
+    model = build(meta["model_spec"])
+    cached = kept if kept is not None else {}
+    key = (str(weights.resolve()), digest)
+    try:
+        state = cached.get(key) or torch.load(weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)  # copies into the new model's tensors: the kept ones stay pristine
+        if kept is not None and key not in cached:
+            cached.clear()  # a grid runs one checkpoint's runs together: keep one, not a ViT per seed
+            cached[key] = state
+    except RuntimeError as e:
+        msg = str(e).splitlines()[0]
+        raise UserError(f"checkpoint {weights} cannot be loaded into {meta['model_spec']}: {msg[:200]} "
+                        f"(the file is corrupt or was saved for another model; re-run pretrain_model.py)") from None
+    except Exception as e:
+        raise UserError(f"checkpoint {weights} is corrupt ({type(e).__name__}) (re-run pretrain_model.py)") from None
+    return model

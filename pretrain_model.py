@@ -17,10 +17,10 @@ import datasets
 import models
 import training
 from torch.utils.data import Subset
-from common import (ArgumentParser, HelpFormatter, UserError, add_shared_flags, atomic_torch_save, atomic_write_json,
-                    check_output_dir, file_sha256, git_commit, library_versions, make_deterministic,
-                    non_negative_float, non_negative_int, number, positive_float, positive_int, resolve_device,
-                    run_cli, seed_everything, seed_int)
+from cli import ArgumentParser, HelpFormatter, add_shared_flags, run_cli
+from common import (Number, UserError, atomic_torch_save, atomic_write_json, check_output_dir, file_sha256,
+                    git_commit, library_versions, make_deterministic, non_negative_float, non_negative_int,
+                    positive_float, positive_int, resolve_device, seed_everything, seed_int)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -29,21 +29,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_shared_flags(p, "net", "dataset", "seed", dataset_help="training data (digits and digits5 are embedded "
                                                               "and need no download)",
                      seed_help="training seed (python, numpy, torch)")
-    a("--width", type=number(int, 1, 1024), default=64, help="ResNet18 base width; 64 is the standard 11.2 M model")
+    a("--width", type=Number(int, 1, 1024), default=64, help="ResNet18 base width; 64 is the standard 11.2 M model")
     a("--vit-config", default="base", choices=sorted(models.VIT_CONFIGS),
       help="ViT size: base is ViT-B/16 (ImageNet weights by name), tiny is offline and small")
     a("--vit-name", default=models.VIT_DEFAULT_NAME, help="pretrained ViT to fine-tune (with --vit-config base)")
     a("--no-pretrained", action="store_true", help="train a ViT-base from random weights instead")
-    a("--image-size", type=number(int, 8, 1024), default=None, help="input size (default: 224 for ViT-base, else 32)")
+    a("--image-size", type=Number(int, 8, 1024), default=None, help="input size (default: 224 for ViT-base, else 32)")
     a("--epochs", type=positive_int, default=None, help="epochs (default: the paper's table for net and dataset)")
     a("--milestones", type=positive_int, nargs="*", default=None, help="epochs where lr is multiplied by --gamma")
     a("--lr", type=positive_float, default=None, help="SGD learning rate (default: 0.1, the paper's; 0.05 on digits)")
-    a("--momentum", type=number(float, 0, 1, high_open=True), default=None, help="SGD momentum (default: 0.9)")
+    a("--momentum", type=Number(float, 0, 1, high_open=True), default=None, help="SGD momentum (default: 0.9)")
     a("--weight-decay", type=non_negative_float, default=None, help="weight decay (default: 5e-4)")
     a("--batch-size", "-b", type=positive_int, default=None, help="training batch size (default: 64)")
     a("--warmup-epochs", type=non_negative_int, default=None, help="epochs of linear lr warm-up (default: 1)")
     a("--gamma", type=positive_float, default=None, help="lr factor at each milestone (default: 0.2)")
-    a("--val-fraction", type=number(float, 0, 1, high_open=True), default=0.1,
+    a("--val-fraction", type=Number(float, 0, 1, high_open=True), default=0.1,
       help="stratified share of the training set held out for selection")
     a("--split-seed", type=seed_int, default=0, help="seed of the validation split (fixed, so every model shares it)")
     a("--select-on-test", action="store_true",
@@ -97,7 +97,7 @@ def main(argv=None) -> Path:
     model, best = training.train_and_select(model, train_set, recipe, device, select_set, seed=args.seed,
                                             amp=args.amp, desc="pretrain")
     train_s = time.perf_counter() - t0
-    test_acc = 100 * training.accuracy(model, data.test, device)
+    test_acc = training.accuracy(*training.predict(model, data.test, device))
 
     atomic_torch_save({k: v.cpu() for k, v in model.state_dict().items()}, out / "model.pt")
     meta = {"net": args.net, "dataset": args.dataset, "seed": args.seed, "model_spec": spec, "pretrained": pretrained,

@@ -1,8 +1,10 @@
-"""The results file (one JSON object per line) and wandb logging.
+"""The results file (one JSON object per line), the runs' own record files beside it, and wandb logging.
 
 Appends take a file lock and replace the whole file atomically, so a killed run never leaves a
-partial line and two processes never interleave. A run's key is a hash of the config that defines
-it, which is how a restarted driver knows what is already done.
+partial line and two processes never interleave. Where file locks cannot be trusted (cluster tasks
+on a network file system mounted without locking), each run writes its record to a file of its own,
+<results>.d/<key>.jsonl, atomically; `read` merges that folder into the file's records. A run's key
+is a hash of the config that defines it, which is how a restarted driver knows what is already done.
 
 JSON has no inf or NaN, yet a run may legitimately hold them (alpha = inf selects nothing). Such a
 value is written as null, and the record gains a top-level "nonfinite" object that maps the value's
@@ -31,23 +33,37 @@ def run_key(config: dict, defining: tuple[str, ...]) -> str:
     return hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
 def _lock(path: Path) -> FileLock:
     return FileLock(str(path) + ".lock")
 
 
+def record_dir(path: str | Path) -> Path:
+    """The folder of the runs' own record files beside the results file `path`."""
+    return Path(str(path) + ".d")
+
+
 def read(path: str | Path) -> list[dict]:
-    """All records; a damaged line is skipped with a warning, the rest is kept."""
+    """All records: the file's lines, then the record files in record_dir(path) by name. A damaged line
+    or file is skipped with a warning, the rest is kept."""
     path = Path(path)
-    if not path.exists():
-        return []
+    files = ([path] if path.is_file() else []) + sorted(record_dir(path).glob("*.jsonl"))
     records = []
-    for i, line in enumerate(path.read_bytes().splitlines(), 1):
-        if not line.strip():
-            continue
+    for file in files:
         try:
-            records.append(restore_nonfinite(json.loads(line)))
-        except ValueError:  # bad JSON or bytes that are not UTF-8
-            print(f"warning: {path}:{i} is not valid JSON; skipping that line", file=sys.stderr)
+            lines = file.read_bytes().splitlines()
+        except OSError as e:  # e.g. a record file that another task is replacing right now
+            print(f"warning: cannot read {file} ({e.strerror}); skipping it", file=sys.stderr)
+            continue
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(restore_nonfinite(json.loads(line)))
+            except ValueError:  # bad JSON or bytes that are not UTF-8
+                print(f"warning: {file}:{i} is not valid JSON; skipping that line", file=sys.stderr)
     return records
 
 
@@ -60,6 +76,16 @@ def done_keys(path: str | Path, key_of=None) -> set[str]:
         if key_of is not None and isinstance(r.get("config"), dict):
             keys.add(key_of(r["config"]))
     return keys
+
+
+def find(path: str | Path, key: str, key_of=None) -> dict | None:
+    """The last record whose stored key, or whose key recomputed by `key_of(config)`, is `key`."""
+    found = None
+    for r in read(path):
+        recomputed = key_of(r["config"]) if key_of is not None and isinstance(r.get("config"), dict) else None
+        if key in (r.get("key"), recomputed):
+            found = r
+    return found
 
 
 def _pointer_part(key) -> str:
@@ -106,10 +132,14 @@ def restore_nonfinite(record):
 LOCK_WAIT_S = 30  # how long a run waits, before it starts, for another process's append to finish
 
 
-def check_writable(path: str | Path) -> None:
-    """Before a run: the results file can be appended to, its lock taken and its claims folder made."""
+def check_writable(path: str | Path, separate: bool = False) -> None:
+    """Before a run: the results file can be appended to, its lock taken and its claims folder made; or,
+    for a `separate` record, its record folder made."""
     path = Path(path)
     check_output_file(path, "--results")
+    if separate:
+        check_output_dir(record_dir(path), "--results")
+        return
     check_output_dir(Path(str(path) + ".claims"), "--results")
     lock_file = Path(str(path) + ".lock")
     if lock_file.exists():  # a lock that does not exist yet is created in the folder checked above
@@ -148,6 +178,14 @@ def append(path: str | Path, record: dict) -> None:
         if old and not old.endswith(b"\n"):
             old += b"\n"  # never glue a new record onto a damaged last line
         atomic_write_bytes(path, old + line.encode())
+
+
+def write_record(path: str | Path, record: dict) -> Path:
+    """One record in a file of its own, record_dir(path)/<key>.jsonl, written atomically and without a
+    lock: a task that runs the same key again writes the same name, so no record is ever doubled."""
+    out = record_dir(path) / f"{record['key']}.jsonl"
+    atomic_write_bytes(out, encode(record).encode())
+    return out
 
 
 @contextlib.contextmanager

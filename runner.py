@@ -1,127 +1,243 @@
-"""The path of one forget run, shared by the three forget_*_main.py scripts.
+"""One forget run: RunConfig, the whole description of a run, and execute, which runs it.
 
-flags -> seed -> checkpoint + metadata -> data and splits -> method (timed alone)
-      -> metrics (timed apart) -> one results line (locked, atomic) -> wandb
+    RunConfig --resolve--> every default filled in, every value checked (once, here)
+              --plan-----> checkpoint + meta.json, data and splits, the run's key
+              --execute--> method (timed alone) -> metrics (timed apart) -> one record -> wandb
+
+    from runner import RunConfig, execute
+    record = execute(RunConfig("full_class", forget_class="three", method="ssd", seed=1))
+
+The forget_*_main.py scripts build their RunConfig with RunConfig.from_argv (the flags live in
+cli.py), and config.to_argv() gives the command line of a config. Nothing here parses argv or exits.
 """
 from __future__ import annotations
 
-import argparse
+import ast
+import contextlib
 import datetime as dt
-import importlib
-import json
 import socket
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
+import cli
 import datasets
 import methods
 import metrics
 import models
 import results
-from common import (ArgumentParser, HelpFormatter, UserError, add_shared_flags, check_output_dir, file_sha256,
-                    fraction, git_commit, library_versions, make_deterministic, positive_int, resolve_device, run_cli,
-                    seed_everything, seed_int)
+from common import (Number, UserError, check_device, check_output_dir, fraction, git_commit, library_versions,
+                    make_deterministic, positive_int, resolve_device, seed_everything, seed_int)
 
-DEFAULT_DATASET = {"full_class": "digits", "sub_class": "digits5", "random": "digits"}
+HERE = Path(__file__).resolve().parent
+SCRIPTS = {"full_class": "forget_full_class_main.py", "sub_class": "forget_sub_class_main.py",
+           "random": "forget_random_main.py"}
 
-# What consecutive runs in one process may share: loaded datasets (keyed by the arguments that define
-# them) and checkpoint weights (keyed by path and sha256). A script runs once and leaves this None;
-# the driver's persistent worker (experiments.serve) sets it to {"data": {}, "weights": {}}. Every
-# run still builds a fresh model and loads these weights into it; the shared tensors are only read.
-SHARED: dict | None = None
+
+def scenario_defaults(scenario: str) -> dict:
+    """The defaults that depend on the scenario: the embedded dataset, and the paper code's -b."""
+    return {"dataset": "digits5" if scenario == "sub_class" else "digits",
+            "batch_size": 128 if scenario == "random" else 64}
+
+
+def script_ssd_params(scenario: str) -> dict:
+    """SSD_PARAMS as written at the top of the scenario's task script, read from its source: the values
+    users edit there, without importing (and so running) the script."""
+    path = HERE / SCRIPTS[scenario]
+    for node in ast.parse(path.read_text()).body:
+        target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
+        if isinstance(target, ast.Name) and target.id == "SSD_PARAMS":
+            try:
+                return ast.literal_eval(node.value)
+            except ValueError:
+                raise UserError(f"SSD_PARAMS in {path.name} is not a plain dict of numbers (write its values out, "
+                                f"or pass alpha and lambda)") from None
+    raise UserError(f"{path.name} has no SSD_PARAMS (restore it, or pass alpha and lambda)")
+
+
+# Checks of the run's own fields; the method's hyperparameters carry theirs in methods.py.
+RANGES = {"seed": seed_int, "model_seed": seed_int, "batch_size": positive_int, "eval_batch_size": positive_int,
+          "forget_count": positive_int, "forget_fraction": fraction}
+SWITCHES = ("no_download", "separate_records", "force", "amp", "deterministic")
+TEXTS = ("weights", "checkpoint_dir", "data_dir", "results", "importance_cache", "wandb_project")
+NAMING = ("net", "dataset", "method", "seed")  # always on a command line, so that it says which run it is
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines one forget run, and where it reads and writes. None means "the default",
+    which `resolve` fills in."""
+
+    scenario: str  # full_class, sub_class or random
+    method: str = "ssd"
+    hp: object = None  # the method's hyperparameters, its dataclass in methods.py (None: its defaults)
+    net: str = "resnet18"
+    dataset: str | None = None  # digits, or digits5 for sub_class
+    forget_class: str | None = None  # class scenarios: a name or an index
+    forget_count: int | None = None  # random forgetting: how many samples (100 unless a fraction is given)
+    forget_fraction: float | None = None
+    seed: int = 0  # seeds python, numpy and torch, and the random split
+    model_seed: int | None = None  # training seed of the checkpoint to look up (default: seed)
+    weights: str | None = None  # a model.pt; by default the checkpoint_dir entry whose meta.json matches
+    checkpoint_dir: str = "runs/pretrain"
+    batch_size: int | None = None  # importances and training: 64, or 128 for random forgetting
+    eval_batch_size: int = 256
+    device: str = "auto"
+    data_dir: str = "data"
+    no_download: bool = False
+    results: str = "runs/results.jsonl"
+    separate_records: bool = False  # the record in <results>.d/<key>.jsonl instead of a locked append
+    force: bool = False  # run even if the key is already recorded
+    importance_cache: str = "runs/importance_cache"  # "" turns the cache off
+    amp: bool = False
+    deterministic: bool = False
+    wandb: str = "auto"
+    wandb_project: str | None = None
+
+    @classmethod
+    def from_argv(cls, scenario: str, argv: list[str] | None = None, ssd_params: dict | None = None,
+                  description: str = "") -> RunConfig:
+        """The resolved config of a task script's command line; `ssd_params` is the script's SSD_PARAMS."""
+        values = vars(cli.forget_parser(scenario, parser_defaults(scenario), ssd_params, description).parse_args(argv))
+        method = methods.REGISTRY.get(values["method"])
+        hp = method.params(**{n: values[n] for n in method.param_names}) if method else None
+        for f in {f.name: f for m in methods.REGISTRY.values() for f in fields(m.params)}.values():
+            if values[f.name] is not None and (method is None or f.name not in method.param_names):
+                _check_hyper(f, values[f.name])  # another method's flag: unused, but a bad value is a mistake
+        config = cls(scenario, hp=hp, **{f.name: values.get(f.name) for f in fields(cls)
+                                         if f.name not in ("scenario", "hp")})
+        return config.resolve(ssd_params)
+
+    def to_argv(self) -> list[str]:
+        """The task script's flags for this config (`python <SCRIPTS[scenario]> <flags>` runs it): every value
+        that differs from its default, and net, dataset, method and seed."""
+        _check_choice(self.scenario, datasets.SCENARIOS, "scenario")
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("scenario", "hp")}
+        values.update(asdict(self.hp) if self.hp is not None else {})
+        return cli.forget_argv(cli.forget_parser(self.scenario, parser_defaults(self.scenario)), values, NAMING)
+
+    def to_dict(self) -> dict:
+        """Plain data (JSON), for a worker process; from_dict reverses it."""
+        return {**{f.name: getattr(self, f.name) for f in fields(self)},
+                "hp": asdict(self.hp) if self.hp is not None else None}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        hp = d.get("hp")
+        return cls(**{**d, "hp": methods.REGISTRY[d["method"]].params(**hp) if hp is not None else None})
+
+    def resolve(self, ssd_params: dict | None = None) -> RunConfig:
+        """This config with every default filled in and every value checked: the one place where both
+        happen. Alpha and lambda default to `ssd_params`, the task script's SSD_PARAMS (read from the
+        script when not given); model_seed to seed. Raises UserError."""
+        _check_choice(self.scenario, datasets.SCENARIOS, "scenario")
+        _check_choice(self.method, methods.REGISTRY, "method")
+        v = {f.name: getattr(self, f.name) for f in fields(self)}
+        v.update({k: d for k, d in scenario_defaults(self.scenario).items() if v[k] is None})
+        _check_forget_request(v)
+        for name, rng in RANGES.items():
+            if v[name] is not None:
+                v[name] = rng.check(v[name], _named(name))
+        v["model_seed"] = v["seed"] if v["model_seed"] is None else v["model_seed"]
+        _check_choice(v["net"], models.NETS, "net")
+        _check_choice(v["dataset"], datasets.DATASETS, "dataset")
+        _check_choice(v["wandb"], results.WANDB_MODES, "wandb")
+        for name in SWITCHES:
+            if not isinstance(v[name], bool):
+                raise UserError(f"{_named(name)}: {v[name]!r} is not True or False (pass a bool)")
+        for name in TEXTS:
+            if v[name] is not None and not isinstance(v[name], (str, Path)):
+                raise UserError(f"{_named(name)}: {v[name]!r} is not a path or a name (pass a string)")
+            v[name] = None if v[name] is None else str(v[name])
+        v["importance_cache"] = v["importance_cache"] or ""
+        if not isinstance(v["device"], str):
+            raise UserError(f"{_named('device')}: {v['device']!r} is not a device name (pass e.g. 'cpu' or 'cuda')")
+        check_device(v["device"])
+        v["hp"] = _resolve_hp(self.scenario, v, ssd_params)
+        return RunConfig(**v)
+
+
+def parser_defaults(scenario: str) -> dict:
+    """Each field's default on the command line of `scenario`'s script."""
+    return {**{f.name: f.default for f in fields(RunConfig)}, **scenario_defaults(scenario)}
+
+
+def _named(name: str, flag: str | None = None) -> str:
+    return f"{name} ({flag or '--' + name.replace('_', '-')})"
+
+
+def _check_choice(value, choices, name: str) -> None:
+    if value not in choices:
+        raise UserError(f"{_named(name)}: {value!r} is not one of {', '.join(choices)} (pass one of them)")
+
+
+def _check_forget_request(v: dict) -> None:
+    """Which forget fields the scenario takes: a class for the class scenarios, a count or a fraction for random."""
+    scenario, forget_class = v["scenario"], v["forget_class"]
+    if scenario == "random":
+        if forget_class is not None:
+            raise UserError(f"random forgetting draws its samples and takes no forget_class, got {forget_class!r} "
+                            f"(pass forget_count or forget_fraction, or use scenario full_class)")
+        if v["forget_count"] is not None and v["forget_fraction"] is not None:
+            raise UserError("forget_count (--forget-count) and forget_fraction (--forget-fraction) exclude each "
+                            "other (pass one of them)")
+        return
+    if v["forget_count"] is not None or v["forget_fraction"] is not None:
+        raise UserError(f"{scenario} forgetting takes forget_class, not forget_count or forget_fraction (drop "
+                        f"them, or use scenario random)")
+    if forget_class is None or isinstance(forget_class, bool) or not isinstance(forget_class, (str, int)):
+        raise UserError(f"{scenario} forgetting needs forget_class (--forget-class), a class name or index, got "
+                        f"{forget_class!r} (pass e.g. --forget-class three)")
+    v["forget_class"] = str(forget_class)
+
+
+def _resolve_hp(scenario: str, v: dict, ssd_params: dict | None):
+    """The method's hyperparameters with the scenario's and the script's defaults filled in, each checked
+    against the range or choices declared beside it in methods.py."""
+    method = methods.REGISTRY[v["method"]]
+    hp = v["hp"] if v["hp"] is not None else method.params()
+    if type(hp) is not method.params:
+        raise UserError(f"hp is a {type(hp).__name__}, but {v['method']} takes methods.{method.params.__name__} "
+                        f"(pass one, or None for its defaults)")
+    values = asdict(hp)
+    if method.uses_alpha and (values["alpha"] is None or values["lam"] is None):
+        params = script_ssd_params(scenario) if ssd_params is None else ssd_params
+        found = params.get((v["net"], v["dataset"]), params.get(v["net"]))
+        if found is None:
+            script = SCRIPTS[scenario]
+            raise UserError(f"{script} has no SSD_PARAMS entry for net {v['net']!r} (add {v['net']!r}: (alpha, "
+                            f"lambda) to SSD_PARAMS at the top of {script}, or pass both --alpha and --lambda)")
+        values["alpha"] = found[0] if values["alpha"] is None else values["alpha"]
+        values["lam"] = found[1] if values["lam"] is None else values["lam"]
+    for f in fields(hp):
+        value = values[f.name]
+        if value is None:
+            value = values[f.name] = f.metadata.get("by_scenario", {}).get(scenario)
+        if value is not None or f.default is not None:
+            values[f.name] = _check_hyper(f, value)
+    return method.params(**values)
+
+
+def _check_hyper(f, value):
+    """A hyperparameter's value against the range (a common.Number, else finite and >= 0) or the choices
+    declared beside it in methods.py; returned as its type."""
+    meta = f.metadata
+    name = _named(f.name, meta.get("flag"))
+    kind = meta.get("type", type(f.default))
+    if kind is not str:
+        return (kind if isinstance(kind, Number) else Number(kind, 0)).check(value, name)
+    if not isinstance(value, str) or value not in meta.get("choices", [value]):
+        raise UserError(f"{name}: {value!r} is not one of {', '.join(meta.get('choices', []))} (pass one of them)")
+    return value
 
 
 # Fields of a run's config that define it for every method; the chosen method's own hyperparameters
 # complete its key. Nothing else goes in, so a new flag for another method changes no existing key.
 COMMON_KEY = ("scenario", "method", "net", "dataset", "forget_class", "forget_count", "forget_fraction", "seed",
               "model_seed", "batch_size", "amp", "checkpoint_sha256", "model_spec", "split_hash", "recipe")
-SCRIPTS = {"full_class": "forget_full_class_main", "sub_class": "forget_sub_class_main",
-           "random": "forget_random_main"}
-
-
-def build_parser(scenario: str, ssd_params: dict, description: str) -> argparse.ArgumentParser:
-    p = ArgumentParser(description=description, formatter_class=HelpFormatter)
-    a = p.add_argument
-    add_shared_flags(p, "net", "dataset", dataset=DEFAULT_DATASET[scenario],
-                     dataset_help="dataset the checkpoint was trained on (digits/digits5 are embedded and need no "
-                                  "download)", net_help="architecture of the checkpoint")
-    if scenario != "random":
-        what = "fine class (e.g. rocket, mushroom, baby, lamp, sea; or three for digits5)" \
-            if scenario == "sub_class" else "class or superclass (e.g. rocket, vehicle2, veg, people; or three for digits)"
-        a("--forget-class", "-forget_class", required=True, help=f"name or index of the {what} to forget")
-    else:
-        g = p.add_mutually_exclusive_group()
-        g.add_argument("--forget-count", type=positive_int, default=None,
-                       help="number of random training samples to forget (default 100)")
-        g.add_argument("--forget-fraction", type=fraction, default=None,
-                       help="fraction to forget, split as torch's random_split does: the paper's 0.00165 "
-                            "gives 83 of 50,000 samples, not 100")
-    a("--method", "-method", default="ssd", choices=sorted(methods.REGISTRY), help="unlearning method")
-    a("--weights", "-weight_path", default=None,
-      help="model.pt of the original model (its meta.json lies beside it); by default the checkpoint "
-           "whose metadata matches --net, --dataset and --model-seed is taken from --checkpoint-dir")
-    add_shared_flags(p, "checkpoint_dir", "seed", seed_help="seeds python, numpy and torch; also the random split's seed")
-    a("--model-seed", type=seed_int, default=None, help="training seed of the checkpoint to look up (default: --seed)")
-    a("--batch-size", "-b", type=positive_int, default=128 if scenario == "random" else 64,
-      help="batch size of the importance passes and of methods that train (the paper code's -b: 64 for the "
-           "class scenarios, 128 for random forgetting)")
-    a("--eval-batch-size", type=positive_int, default=256,
-      help="batch size of evaluation (metrics do not depend on it; on a CPU, 512 ran 1.5x slower per image than 64-256)")
-    add_shared_flags(p, "device", "data_dir", "no_download", "results")
-    a("--force", action="store_true", help="run even if this exact run is already in the results file")
-    a("--importance-cache", default="runs/importance_cache", help="folder of cached full-data importances")
-    a("--no-importance-cache", dest="importance_cache", action="store_const", const="",
-      help="always recompute SSD's importance on the full training set")
-    add_shared_flags(p, "amp", "deterministic")
-    a("--wandb", default="auto", choices=["auto", "online", "offline", "disabled"],
-      help="wandb mode; auto is online when WANDB_API_KEY is set, else offline")
-    a("--wandb-project", default=None, help="wandb project (default: <net>-<dataset>-<scenario>)")
-    add_method_flags(p.add_argument_group("method hyperparameters (each method reads only its own)"), scenario,
-                     ssd_params)
-    return p
-
-
-def add_method_flags(group, scenario: str, ssd_params: dict) -> None:
-    """One flag per hyperparameter field of the registered methods; a field shared by several methods
-    (alpha, retrain_epochs) is one flag."""
-    seen = set()
-    for method in methods.REGISTRY.values():
-        for f in fields(method.params):
-            if f.name in seen:
-                continue
-            seen.add(f.name)
-            meta = dict(f.metadata)
-            help = meta["help"]
-            if f.name in ("alpha", "lam"):
-                i = 0 if f.name == "alpha" else 1
-                help += "; here: " + ", ".join(f"{'/'.join(k) if isinstance(k, tuple) else k}: {v[i]}"
-                                                for k, v in ssd_params.items())
-            kwargs = {"dest": f.name, "default": meta.get("by_scenario", {}).get(scenario, f.default), "help": help}
-            kind = meta.get("type", type(f.default))
-            if kind is not str:
-                kwargs["type"] = kind
-            if "choices" in meta:
-                kwargs["choices"] = meta["choices"]
-            group.add_argument(meta.get("flag", "--" + f.name.replace("_", "-")), **kwargs)
-
-
-def ssd_defaults(ssd_params: dict, net: str, dataset: str, scenario: str = "") -> tuple[float, float]:
-    """The constants of the calling script: a (net, dataset) entry wins over the net's entry."""
-    found = ssd_params.get((net, dataset), ssd_params.get(net))
-    if found is None:
-        script = f"{SCRIPTS.get(scenario, 'the task script')}.py"
-        raise UserError(f"{script} has no SSD_PARAMS entry for net {net!r} (add {net!r}: (alpha, lambda) to "
-                        f"SSD_PARAMS at the top of {script}, or pass both --alpha and --lambda)")
-    return found
-
-
-def script_params(scenario: str) -> dict:
-    """The SSD_PARAMS constant at the top of the scenario's task script, as the script itself uses it."""
-    return importlib.import_module(SCRIPTS[scenario]).SSD_PARAMS
 
 
 def record_key(config: dict) -> str | None:
@@ -130,66 +246,21 @@ def record_key(config: dict) -> str | None:
     return None if method is None else results.run_key(config, COMMON_KEY + tuple(method.param_names))
 
 
-def find_checkpoint(checkpoint_dir: str | Path, net: str, dataset: str, seed: int) -> Path:
-    """The model.pt whose meta.json matches (net, dataset, seed)."""
-    found = []
-    for meta_path in sorted(Path(checkpoint_dir).glob("*/meta.json")):
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if meta.get("net") == net and meta.get("dataset") == dataset and meta.get("seed") == seed:
-            found.append(meta_path.parent / "model.pt")
-    if not found:
-        raise UserError(f"no checkpoint for net={net} dataset={dataset} seed={seed} in {checkpoint_dir} "
-                        f"(run: python pretrain_model.py --net {net} --dataset {dataset} --seed {seed}, "
-                        f"or pass --weights)")
-    if len(found) > 1:
-        raise UserError(f"several checkpoints match net={net} dataset={dataset} seed={seed}: "
-                        f"{', '.join(map(str, found))} (pass one with --weights)")
-    return found[0]
+@dataclass
+class Cache:
+    """What consecutive runs in one process may share (the driver's worker, a cluster task): loaded datasets,
+    keyed by the arguments that define them, and the weights of the last checkpoint, keyed by path and
+    sha256. Every run still builds a fresh model and loads these weights into it; they are only read."""
+
+    data: dict = field(default_factory=dict)
+    weights: dict = field(default_factory=dict)
 
 
-def load_meta(weights: Path) -> dict:
-    meta_path = weights.parent / "meta.json"
-    if not weights.is_file():
-        raise UserError(f"checkpoint {weights} not found (pretrain it with pretrain_model.py, or fix --weights)")
-    try:
-        return json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"metadata {meta_path} is missing or unreadable ({type(e).__name__}) "
-                        f"(re-run pretrain_model.py, which writes both files)") from None
-
-
-def load_model(weights: Path, meta: dict) -> torch.nn.Module:
-    """Rebuild the model from its metadata and load the weights safely, after checking the file hash."""
-    digest = file_sha256(weights) if meta.get("sha256") or SHARED is not None else None
-    if meta.get("sha256") and digest != meta["sha256"]:
-        raise UserError(f"checkpoint {weights} does not match the hash in its meta.json: the file was changed "
-                        f"or truncated (re-run pretrain_model.py)")
-    model = models.build(meta["model_spec"])
-    cached = SHARED["weights"] if SHARED is not None else {}
-    key = (str(weights.resolve()), digest)
-    try:
-        state = cached.get(key) or torch.load(weights, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)  # copies into the new model's tensors: the cached ones stay pristine
-        if SHARED is not None and key not in cached:
-            cached.clear()  # the grid runs one checkpoint's runs together: keep one, not a ViT per seed
-            cached[key] = state
-    except RuntimeError as e:
-        msg = str(e).splitlines()[0]
-        raise UserError(f"checkpoint {weights} cannot be loaded into {meta['model_spec']}: {msg[:200]} "
-                        f"(the file is corrupt or was saved for another model; re-run pretrain_model.py)") from None
-    except Exception as e:
-        raise UserError(f"checkpoint {weights} is corrupt ({type(e).__name__}) (re-run pretrain_model.py)") from None
-    return model
-
-
-def check_meta(meta: dict, args, data: datasets.Data) -> None:
-    for field, want in (("net", args.net), ("dataset", args.dataset)):
-        if meta.get(field) != want:
-            raise UserError(f"checkpoint was trained with {field}={meta.get(field)!r} but --{field} is {want!r} "
-                            f"(pass --{field} {meta.get(field)} or another --weights)")
+def check_meta(meta: dict, config: RunConfig, data: datasets.Data) -> None:
+    for name, want in (("net", config.net), ("dataset", config.dataset)):
+        if meta.get(name) != want:
+            raise UserError(f"checkpoint was trained with {name}={meta.get(name)!r} but --{name} is {want!r} "
+                            f"(pass --{name} {meta.get(name)} or another --weights)")
     if meta["model_spec"]["num_classes"] != data.num_classes:
         raise UserError(f"checkpoint has {meta['model_spec']['num_classes']} classes but {data.name} has "
                         f"{data.num_classes} (use the checkpoint trained on {data.name})")
@@ -202,85 +273,65 @@ def check_meta(meta: dict, args, data: datasets.Data) -> None:
 class Plan:
     """Everything about a run that is known before it runs, including its results key."""
 
-    scenario: str
-    args: argparse.Namespace
+    config: RunConfig  # resolved
     meta: dict
     weights: Path
     data: datasets.Data
     splits: datasets.Splits
-    config: dict
+    record_config: dict  # the "config" of its record: the run's fields, hyperparameters and checkpoint
     key: str
-    hp: object  # the chosen method's hyperparameters (its dataclass in methods.py)
 
 
-def plan(scenario: str, ssd_params: dict, argv: list[str] | None = None, description: str = "",
-         data_cache: dict | None = None) -> Plan:
-    """Parse flags, find the checkpoint, build the split and the run's key. Nothing is trained.
-
-    `data_cache` lets a driver plan many runs while loading each dataset once."""
-    args = build_parser(scenario, ssd_params, description).parse_args(argv)
-    method = methods.REGISTRY[args.method]
-    if method.uses_alpha:
-        if args.alpha is None or args.lam is None:
-            default_alpha, default_lam = ssd_defaults(ssd_params, args.net, args.dataset, scenario)
-            args.alpha = default_alpha if args.alpha is None else args.alpha
-            args.lam = default_lam if args.lam is None else args.lam
-        if not (args.alpha >= 0 and args.lam >= 0):
-            raise UserError(f"alpha and lambda must be >= 0, got alpha={args.alpha}, lambda={args.lam} "
-                            f"(pass non-negative --alpha and --lambda)")
-    hp = method.params(**{name: getattr(args, name) for name in method.param_names})
-    if args.model_seed is None:
-        args.model_seed = args.seed
-    # every output is checked before the checkpoint and the data are loaded: a bad path costs no run
-    results.check_writable(args.results)
-    if args.importance_cache:
-        check_output_dir(args.importance_cache, "--importance-cache")
-    weights = Path(args.weights) if args.weights else find_checkpoint(args.checkpoint_dir, args.net, args.dataset,
-                                                                     args.model_seed)
+def plan(config: RunConfig, cache: Cache | None = None) -> Plan:
+    """Resolve the config, check the outputs, find the checkpoint, build the split and the key. Nothing is
+    trained; every output is checked before the checkpoint and the data are loaded."""
+    c = config.resolve()
+    results.check_writable(c.results, separate=c.separate_records)
+    if c.importance_cache:
+        check_output_dir(c.importance_cache, "--importance-cache")
+    weights = Path(c.weights or models.find_checkpoint(c.checkpoint_dir, c.net, c.dataset, c.model_seed))
     if weights.is_dir():
         weights = weights / "model.pt"
-    meta = load_meta(weights)
-    data_args = (args.dataset, args.data_dir, meta["model_spec"]["image_size"], args.net == "vit",
+    meta = models.load_meta(weights)
+    data_args = (c.dataset, c.data_dir, meta["model_spec"]["image_size"], c.net == "vit",
                  meta.get("val_fraction", 0.1), meta.get("split_seed", 0))
-    if data_cache is None and SHARED is not None:
-        data_cache = SHARED["data"]
-    data = (data_cache or {}).get(data_args)
+    data = cache.data.get(data_args) if cache is not None else None
     if data is None:
         data = datasets.build_data(*data_args[:2], image_size=data_args[2], vit=data_args[3],
-                                   val_fraction=data_args[4], split_seed=data_args[5], download=not args.no_download)
-        if data_cache is not None:
-            data_cache[data_args] = data
-    check_meta(meta, args, data)
-    splits = datasets.build_splits(scenario, data, getattr(args, "forget_class", None), seed=args.seed,
-                                   forget_count=getattr(args, "forget_count", None),
-                                   forget_fraction=getattr(args, "forget_fraction", None))
-    hyper_names = set().union(*(m.param_names for m in methods.REGISTRY.values()))
-    settings = {k: v for k, v in vars(args).items() if k not in hyper_names}  # flags of other methods stay out
-    config = {"scenario": scenario, **settings, **asdict(hp), "forget_class": _forget_name(splits, args),
-              "checkpoint_sha256": meta.get("sha256"), "model_spec": meta["model_spec"],
-              "split_hash": splits.hash(), "recipe": meta["recipe"]}
-    key = record_key(config)
-    return Plan(scenario, args, meta, weights, data, splits, config, key, hp)
+                                   val_fraction=data_args[4], split_seed=data_args[5], download=not c.no_download)
+        if cache is not None:
+            cache.data[data_args] = data
+    check_meta(meta, c, data)
+    splits = datasets.build_splits(c.scenario, data, c.forget_class, seed=c.seed, forget_count=c.forget_count,
+                                   forget_fraction=c.forget_fraction)
+    record_config = {**{f.name: getattr(c, f.name) for f in fields(c) if f.name != "hp"}, **asdict(c.hp),
+                     "forget_class": _forget_name(splits), "checkpoint_sha256": meta.get("sha256"),
+                     "model_spec": meta["model_spec"], "split_hash": splits.hash(), "recipe": meta["recipe"]}
+    return Plan(c, meta, weights, data, splits, record_config, record_key(record_config))
 
 
-def run(scenario: str, ssd_params: dict, argv: list[str] | None = None, description: str = "") -> dict | None:
-    """Plan, skip if already done or running elsewhere, else run, evaluate and record. Returns the record."""
-    p = plan(scenario, ssd_params, argv, description)
-    args = p.args
-    what = f"{scenario} {args.method} seed {args.seed} (key {p.key})"
-    if not args.force and p.key in results.done_keys(args.results, record_key):
-        print(f"skip: {what} is already in {args.results} (--force reruns it)")
-        return None
-    with results.claim(args.results, p.key) as mine:
+def execute(config: RunConfig, cache: Cache | None = None) -> dict | None:
+    """Plan the run; if its key is already recorded, return that record; else run the method, evaluate,
+    record and return the new record. None: another process on this machine runs it right now. Bad
+    input raises UserError before anything is loaded; this never exits."""
+    p = plan(config, cache)
+    c = p.config
+    what = f"{c.scenario} {c.method} seed {c.seed} (key {p.key})"
+    done = None if c.force else results.find(c.results, p.key, record_key)
+    if done is not None:
+        print(f"skip: {what} is already in {c.results} (--force reruns it)")
+        return done
+    if c.separate_records:  # no lock to rely on: a duplicate task rewrites the same file with the same run
+        return _run(p, cache)
+    with results.claim(c.results, p.key) as mine:
         if not mine:
             print(f"skip: {what} is running in another process")
             return None
-        if not args.force and p.key in results.done_keys(args.results, record_key):  # finished while we planned
-            return None
-        return _run_claimed(p)
+        done = None if c.force else results.find(c.results, p.key, record_key)  # finished while we planned
+        return done if done is not None else _run(p, cache)
 
 
-def _forget_name(splits: datasets.Splits, args) -> str | None:
+def _forget_name(splits: datasets.Splits) -> str | None:
     if splits.scenario == "full_class":
         return splits.data.classes[splits.forget_classes[0]]
     if splits.scenario == "sub_class":
@@ -290,45 +341,59 @@ def _forget_name(splits: datasets.Splits, args) -> str | None:
 
 def run_context(p: Plan, device: torch.device) -> methods.RunContext:
     """What a method may know about its run besides its hyperparameters."""
-    return methods.RunContext(device=device, seed=p.args.seed, batch_size=p.args.batch_size, amp=p.args.amp,
+    c = p.config
+    return methods.RunContext(device=device, seed=c.seed, batch_size=c.batch_size, amp=c.amp,
                               recipe=p.meta["recipe"], model_spec=p.meta["model_spec"],
                               pretrained=bool(p.meta.get("pretrained")), checkpoint_sha256=p.meta.get("sha256"),
-                              importance_cache=p.args.importance_cache or None)
+                              importance_cache=c.importance_cache or None)
 
 
-def _run_claimed(p: Plan) -> dict:
-    args, scenario, meta, weights, splits, config, key = p.args, p.scenario, p.meta, p.weights, p.splits, p.config, p.key
-    if args.deterministic:
-        make_deterministic()
-    seed_everything(args.seed)
-    device = resolve_device(args.device)
-    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    model = load_model(weights, meta).to(device)
-    ctx = run_context(p, device)
-    hyper = ", ".join(f"{k}={v}" for k, v in asdict(p.hp).items())
-    print(f"{scenario}: {args.method} on {args.net}/{args.dataset}, forget {config['forget_class'] or ''} "
-          f"({len(splits.forget_idx)} train samples), seed {args.seed}, {device}{'; ' + hyper if hyper else ''}")
+@contextlib.contextmanager
+def _torch_switches_kept():
+    """--deterministic changes process-wide torch switches; they are put back after the run, so that the
+    next run in the same process (a worker, a cluster task) starts as it would in a new one."""
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[2:]
 
-    _sync(device)
-    t0 = time.perf_counter()
-    model, info = methods.REGISTRY[args.method].fn(model, splits, p.hp, ctx)
-    _sync(device)
-    method_s = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    random_model = models.initial(meta["model_spec"], pretrained=False, seed=args.seed + 2).to(device)
-    m = metrics.evaluate(model, splits, device, random_model, args.eval_batch_size, args.amp)
-    eval_s = time.perf_counter() - t0
+def _run(p: Plan, cache: Cache | None) -> dict:
+    c, hp, meta, splits = p.config, p.config.hp, p.meta, p.splits
+    with _torch_switches_kept():
+        if c.deterministic:
+            make_deterministic()
+        seed_everything(c.seed)
+        device = resolve_device(c.device)
+        started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        model = models.load_checkpoint(p.weights, meta, cache.weights if cache is not None else None).to(device)
+        shown = ", ".join(f"{k}={v}" for k, v in asdict(hp).items())
+        print(f"{c.scenario}: {c.method} on {c.net}/{c.dataset}, forget {p.record_config['forget_class'] or ''} "
+              f"({len(splits.forget_idx)} train samples), seed {c.seed}, {device}{'; ' + shown if shown else ''}")
+
+        _sync(device)
+        t0 = time.perf_counter()
+        model, info = methods.REGISTRY[c.method].fn(model, splits, hp, run_context(p, device))
+        _sync(device)
+        method_s = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        random_model = models.initial(meta["model_spec"], pretrained=False, seed=c.seed + 2).to(device)
+        m = metrics.evaluate(model, splits, device, random_model, c.eval_batch_size, c.amp)
+        eval_s = time.perf_counter() - t0
 
     times = {"method_s": method_s, "eval_s": eval_s, **{k: v for k, v in info.items() if k.endswith("_s")}}
-    record = {"key": key, "config": config, "metrics": m, "times": times,
+    record = {"key": p.key, "config": p.record_config, "metrics": m, "times": times,
               "method_info": {k: v for k, v in info.items() if not k.endswith("_s")},
-              "checkpoint": {"path": str(weights), "sha256": meta.get("sha256"), "train_seed": meta.get("seed"),
+              "checkpoint": {"path": str(p.weights), "sha256": meta.get("sha256"), "train_seed": meta.get("seed"),
                              "val_acc": meta.get("val_acc"), "test_acc": meta.get("test_acc")},
               "git": git_commit(), "versions": library_versions(), "started": started,
               "host": socket.gethostname(),
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    _record(record, args.results)
+    _record(record, c)
     dampened = f"  dampened {100 * info['dampened_fraction']:.3f}%" if "dampened_fraction" in info else ""
     if "search_status" in info:  # ssd_search says whether it reached its target
         dampened += f"  {info['search_status']} ({info['search_steps']} steps)"
@@ -336,7 +401,7 @@ def _run_claimed(p: Plan) -> dict:
           f"MIA {_fmt(m['mia'])}  ZRF {m.get('zrf', float('nan')):.3f}{dampened}  method {method_s:.2f}s  "
           f"eval {eval_s:.2f}s")
     if info.get("dampened") == 0 and "chosen_alpha" not in info:  # assd and ssd_search choose alpha themselves
-        print(f"warning: alpha={args.alpha} selects nothing: the largest I_Df/I_D is {info['max_ratio']:.3g} "
+        print(f"warning: alpha={hp.alpha} selects nothing: the largest I_Df/I_D is {info['max_ratio']:.3g} "
               f"(the cap |D|/|D_f| is {info['ratio_cap']:.3g}); the model is unchanged (pass a smaller --alpha)",
               file=sys.stderr)
     if info.get("search_status") == "target_unreachable":
@@ -344,21 +409,23 @@ def _run_claimed(p: Plan) -> dict:
               f"with lambda=1 anywhere on its grid (it reached {info['forget_train_acc']:.2f}; the largest I_Df/I_D is "
               f"{info['max_ratio']:.3g}): D_f's gradients are too small to select or dampen enough", file=sys.stderr)
     try:
-        log_dir = Path(args.results).parent
-        results.log_wandb(record, args.wandb_project or f"{args.net}-{args.dataset}-{scenario}",
-                          group=str(config["forget_class"] or f"random{len(splits.forget_idx)}"),
-                          name=args.method, mode=args.wandb, run_dir=log_dir)
-    except Exception as e:  # the results line is already safe; tracking must not lose it
+        results.log_wandb(record, c.wandb_project or f"{c.net}-{c.dataset}-{c.scenario}",
+                          group=str(p.record_config["forget_class"] or f"random{len(splits.forget_idx)}"),
+                          name=c.method, mode=c.wandb, run_dir=Path(c.results).parent)
+    except Exception as e:  # the record is already safe; tracking must not lose it
         print(f"warning: wandb logging failed: {type(e).__name__}: {e}", file=sys.stderr)
     return record
 
 
-def _record(record: dict, path: str) -> None:
-    """Append the results line; if that fails for any reason, the finished result goes to a file of its own."""
+def _record(record: dict, c: RunConfig) -> None:
+    """Append the results line (or write the run's own file); if that fails for any reason, the finished
+    result goes to a fallback file."""
+    path = c.results
     try:
-        results.append(path, record)
+        (results.write_record if c.separate_records else results.append)(path, record)
     except Exception as e:
-        problem = f"the result could not be appended to {path} ({type(e).__name__}: {e})"
+        where = f"written beside {path}" if c.separate_records else f"appended to {path}"
+        problem = f"the result could not be {where} ({type(e).__name__}: {e})"
         saved = results.save_fallback(record, path)
         if saved is None:  # nowhere to write at all: the line goes to the terminal, the one place left
             print(results.encode(record, default=str), end="")
@@ -378,4 +445,5 @@ def _sync(device: torch.device) -> None:
 
 
 def main(scenario: str, ssd_params: dict, description: str) -> None:
-    run_cli(lambda: run(scenario, ssd_params, description=description) and None)
+    """A task script's entry: its command line, its SSD_PARAMS, one run."""
+    cli.run_cli(lambda: execute(RunConfig.from_argv(scenario, None, ssd_params, description)) and None)

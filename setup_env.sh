@@ -14,7 +14,7 @@ if [ "$(cat "$_stamp" 2>/dev/null || true)" != "$_want" ]; then
     echo "installing requirements.txt into $_venv (the first time takes a few minutes)" >&2
     "$_venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$_here/requirements.txt" 2>&1 \
         | grep -v "is ignored: it is neither a file nor a directory" >&2 || true
-    "$_venv/bin/python" -c "import torch, torchvision, transformers, wandb, sklearn, tqdm, matplotlib, scipy, pytest, filelock" \
+    "$_venv/bin/python" -c "import torch, torchvision, transformers, wandb, sklearn, tqdm, matplotlib, scipy, pytest, filelock, submitit" \
         || { echo "error: the requirements did not install (see pip's output above)" >&2; exit 1; }
     echo "$_want" > "$_stamp"
 fi

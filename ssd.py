@@ -88,11 +88,9 @@ def dampen(model: nn.Module, imp_full: Importances, imp_forget: Importances, alp
     """Multiply every element with I_Df > alpha * I_D by min(lam * I_D / I_Df, 1), in place.
 
     Only elements where I_Df > alpha * I_D >= 0 are touched, so I_Df > 0 there and the ratio is
-    finite; alpha = inf selects nothing.
+    finite; alpha = inf selects nothing. alpha and lam are checked where they enter (RunConfig.resolve,
+    sweep_alpha's flags); the methods that choose alpha give a percentile of I_Df / I_D, never negative.
     """
-    if alpha < 0 or lam < 0 or math.isnan(alpha) or math.isnan(lam):
-        raise UserError(f"alpha and lambda must be non-negative numbers, got alpha={alpha}, lambda={lam} "
-                        f"(pass --alpha and --lambda >= 0)")
     check_finite(imp_full, "full-data")
     check_finite(imp_forget, "forget-set")
     per_parameter, total, elements, max_ratio, zero_full = {}, 0, 0, 0.0, 0

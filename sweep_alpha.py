@@ -25,6 +25,7 @@ import csv
 import statistics
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,15 +33,17 @@ import torch
 
 import datasets
 import methods
+import models
 import runner
 import ssd
-from common import HelpFormatter, UserError, add_shared_flags, file_sha256, resolve_device, run_cli, seed_everything
+from cli import ArgumentParser, HelpFormatter, add_shared_flags, run_cli
+from common import UserError, file_sha256, resolve_device, seed_everything
 from metrics import OUTCOMES, outcome
-from training import accuracy
+from training import accuracy, predict
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--scenario", default="full_class", choices=datasets.SCENARIOS, help="forget scenario")
     add_shared_flags(p, "net", "dataset", dataset=None, dataset_help="dataset (default: digits, or digits5 for sub_class)")
     p.add_argument("--classes", nargs="+", default=["all"],
@@ -66,27 +69,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/sweeps", help="folder for the CSV and the figures")
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
     args = p.parse_args(argv)
-    args.dataset = args.dataset or runner.DEFAULT_DATASET[args.scenario]
+    args.dataset = args.dataset or runner.scenario_defaults(args.scenario)["dataset"]
     if args.fractions is None and args.alphas is None:
         args.alphas = [1.0, 2.0, 5.0, 10.0]
     for f in args.fractions or []:
         if not 0 < f < 1:
             raise UserError(f"--fractions must lie in (0, 1), got {f}")
-    for a in args.alphas or []:
-        if not a >= 0:
-            raise UserError(f"--alphas must be >= 0, got {a}")
     return args
 
 
-def _accuracy(model: torch.nn.Module, ds, device: torch.device) -> float:
-    return 100.0 * accuracy(model, ds, device)
+def _accuracy(model: torch.nn.Module, ds, device: torch.device) -> float | None:
+    return accuracy(*predict(model, ds, device))
 
 
-def sweep_request(p: runner.Plan, args, device: torch.device) -> list[dict]:
+def sweep_request(p: runner.Plan, order: str, args, device: torch.device) -> list[dict]:
     """Every alpha (or fraction) for one planned request; the importances are computed once."""
-    seed_everything(p.args.seed)
-    original = runner.load_model(p.weights, p.meta).to(device).eval()
-    splits, random_forgetting = p.splits, p.scenario == "random"
+    seed_everything(p.config.seed)
+    original = models.load_checkpoint(p.weights, p.meta).to(device).eval()
+    splits, random_forgetting = p.splits, p.config.scenario == "random"
     df_set = splits.forget_train if random_forgetting else splits.forget_test
 
     def accuracies(model) -> tuple[float, float]:
@@ -94,10 +94,12 @@ def sweep_request(p: runner.Plan, args, device: torch.device) -> list[dict]:
 
     original_df, original_retain = accuracies(original)
     reference = _accuracy(original, splits.retain_val, device) if random_forgetting else None
+    if random_forgetting and reference is None:
+        raise UserError("random forgetting compares Df with the original's validation accuracy, and the checkpoint "
+                        "has no validation split (pretrain it with --val-fraction above 0)")
     ctx = runner.run_context(p, device)
     t0 = time.perf_counter()
-    imp_full, imp_forget, info = methods.ssd_importances(copy.deepcopy(original), splits, p.args.importance_order,
-                                                         ctx, args.variant)
+    imp_full, imp_forget, info = methods.ssd_importances(copy.deepcopy(original), splits, order, ctx, args.variant)
     importance_s = time.perf_counter() - t0
     settings = [("fraction", f) for f in args.fractions] if args.fractions else [("alpha", a) for a in args.alphas]
     rows = []
@@ -106,9 +108,9 @@ def sweep_request(p: runner.Plan, args, device: torch.device) -> list[dict]:
         model = copy.deepcopy(original)
         report = ssd.dampen(model, imp_full, imp_forget, alpha, args.lam)
         df, retain = accuracies(model)
-        rows.append({"dataset": p.args.dataset, "scenario": p.scenario, "order": info["importance_order"],
-                     "seed": p.args.seed,
-                     "checkpoint_sha256": p.meta.get("sha256"), "forget_class": p.config["forget_class"] or "random",
+        rows.append({"dataset": p.config.dataset, "scenario": p.config.scenario, "order": info["importance_order"],
+                     "seed": p.config.seed, "checkpoint_sha256": p.meta.get("sha256"),
+                     "forget_class": p.record_config["forget_class"] or "random",
                      kind: value, "alpha": alpha, "lambda": args.lam, "df": df, "retain_test": retain,
                      "original_df": original_df, "original_retain_test": original_retain, "reference_df": reference,
                      "dampened_fraction": report.total / report.num_elements, "max_ratio": report.max_ratio,
@@ -117,26 +119,25 @@ def sweep_request(p: runner.Plan, args, device: torch.device) -> list[dict]:
     return rows
 
 
-def plan_requests(args) -> list[runner.Plan]:
-    params = runner.script_params(args.scenario)
-    plans, cache = [], {}
+def plan_requests(args) -> list[tuple[runner.Plan, str]]:
+    """(plan, importance order) of every request."""
+    plans, cache = [], runner.Cache()
     for seed in args.seeds:
         for order in args.orders:
-            common = ["--net", args.net, "--dataset", args.dataset, "--seed", str(seed), "--method", args.variant,
-                      "--importance-order", order, "--checkpoint-dir", args.checkpoint_dir, "--data-dir",
-                      args.data_dir, "--importance-cache", args.importance_cache, "--device", args.device,
-                      "--lambda", str(args.lam)]
-            if args.batch_size:
-                common += ["--batch-size", str(args.batch_size)]
+            # the sweep dampens with its own alphas: the config's (inf, which selects nothing) is never used
+            hp = methods.REGISTRY[args.variant].params(alpha=float("inf"), lam=args.lam)
+            if hasattr(hp, "importance_order"):
+                hp.importance_order = order
+            base = runner.RunConfig(args.scenario, method=args.variant, hp=hp, net=args.net, dataset=args.dataset,
+                                    seed=seed, batch_size=args.batch_size, checkpoint_dir=args.checkpoint_dir,
+                                    data_dir=args.data_dir, importance_cache=args.importance_cache, device=args.device)
             if args.scenario == "random":
-                plans.append(runner.plan("random", params, common + ["--forget-count", str(args.forget_count)],
-                                         data_cache=cache))
+                plans.append((runner.plan(replace(base, forget_count=args.forget_count), cache), order))
                 continue
-            first = runner.plan(args.scenario, params, common + ["--forget-class", "0"], data_cache=cache)
+            first = runner.plan(replace(base, forget_class="0"), cache)
             names = first.data.fine_classes if args.scenario == "sub_class" else first.data.classes
             classes = names if args.classes == ["all"] else args.classes
-            plans += [runner.plan(args.scenario, params, common + ["--forget-class", c], data_cache=cache)
-                      for c in classes]
+            plans += [(runner.plan(replace(base, forget_class=c), cache), order) for c in classes]
     return plans
 
 
@@ -207,13 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     plans = plan_requests(args)
     kind = "fraction" if args.fractions else "alpha"
     print(f"{len(plans)} requests x {len(args.fractions or args.alphas)} {kind}s; checkpoints:")
-    for weights in sorted({p.weights for p in plans}):
+    for weights in sorted({p.weights for p, _ in plans}):
         print(f"  {weights}  sha256 {file_sha256(weights)}")
     rows, t0 = [], time.time()
-    for i, p in enumerate(plans, 1):
-        got = sweep_request(p, args, device)
+    for i, (p, order) in enumerate(plans, 1):
+        got = sweep_request(p, order, args, device)
         rows += got
-        print(f"[{i}/{len(plans)}] seed {p.args.seed} {got[0]['order']} {got[0]['forget_class']}: " + ", ".join(
+        print(f"[{i}/{len(plans)}] seed {p.config.seed} {got[0]['order']} {got[0]['forget_class']}: " + ", ".join(
             f"{r[kind]:g}: Df {r['df']:.0f} Dr {r['retain_test']:.0f} ({r['outcome']})" for r in got), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

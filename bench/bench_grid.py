@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would drown the tables (children inherit it)
@@ -34,14 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import experiments  # noqa: E402
-import forget_full_class_main  # noqa: E402
-import forget_random_main  # noqa: E402
-import forget_sub_class_main  # noqa: E402
+import models  # noqa: E402
 import results  # noqa: E402
 import runner  # noqa: E402
 
-SSD_PARAMS = {"full_class": forget_full_class_main.SSD_PARAMS, "sub_class": forget_sub_class_main.SSD_PARAMS,
-              "random": forget_random_main.SSD_PARAMS}
 SUMMARY = re.compile(r"^    (.+?): Df .* \[wall ([0-9.]+)s\]$")
 
 
@@ -64,11 +61,8 @@ def grid_argv(args, tmp: Path, mode: str) -> list[str]:
 def run_keys(argv: list[str]) -> dict[str, str]:
     """label -> results key of every run of the grid, planned as the driver plans them."""
     args = experiments.parse_args(argv)
-    keys, cache = {}, {}
-    for r in experiments.expand(args, experiments.select_tables(args)):
-        scenario = next(s for s, f in experiments.SCRIPTS.items() if f == r.script)
-        keys[r.label] = runner.plan(scenario, SSD_PARAMS[scenario], r.argv + ["--device", "cpu"], data_cache=cache).key
-    return keys
+    cache = runner.Cache()
+    return {r.label: runner.plan(r.config, cache).key for r in experiments.expand(args, experiments.select_tables(args))}
 
 
 def bench_mode(args, tmp: Path, mode: str) -> dict:
@@ -108,16 +102,14 @@ def bench_eval_split(args, repeats: int = 3) -> None:
     import torch
 
     import metrics
-    import models
     import training
 
     grid = experiments.parse_args(["cpu", "--seeds", args.seeds, "--checkpoint-dir", args.checkpoint_dir]
                                   + sum((["--table", t] for t in args.table or []), []))
     run = experiments.expand(grid, experiments.select_tables(grid))[0]
-    scenario = next(s for s, f in experiments.SCRIPTS.items() if f == run.script)
-    p = runner.plan(scenario, SSD_PARAMS[scenario], run.argv + ["--device", "cpu"])
-    device, bs = torch.device("cpu"), p.args.eval_batch_size
-    model = runner.load_model(p.weights, p.meta)
+    p = runner.plan(replace(run.config, device="cpu"))
+    device, bs = torch.device("cpu"), p.config.eval_batch_size
+    model = models.load_checkpoint(p.weights, p.meta)
     splits = p.splits
     parts: dict[str, list[float]] = {}
 
@@ -133,7 +125,7 @@ def bench_eval_split(args, repeats: int = 3) -> None:
         test = torch.cat([logits["forget_test"][0], logits["retain_test"][0]])
         timed("MIA fit and predict", lambda: metrics.membership_attack(logits["retain_train"][0], test,
                                                                       logits["forget_train"][0]))
-        ref = timed("ZRF reference model (build)", lambda: models.initial(p.meta["model_spec"], False, seed=p.args.seed + 2))
+        ref = timed("ZRF reference model (build)", lambda: models.initial(p.meta["model_spec"], False, seed=p.config.seed + 2))
         timed("ZRF reference pass (forget_train)", lambda: training.predict(ref, splits.forget_train, device, bs))
         timed("metrics.evaluate, whole", lambda: metrics.evaluate(model, splits, device, ref, bs))
     sizes = {f"pass {n}": len(getattr(splits, n)) for n in ("forget_train", "retain_train", "forget_test", "retain_test")}
@@ -161,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         tmp = Path(tmp)
         args.checkpoint_dir = args.checkpoint_dir or str(tmp / "pretrain")
         grid = experiments.parse_args(grid_argv(args, tmp, "pretrain"))
-        pretrain = experiments.pretrain_commands(grid, experiments.select_tables(grid))
+        pretrain = experiments.pretrain_commands(grid, experiments.select_tables(grid)).values()
         for cmd in pretrain:  # untimed: both modes start from the same checkpoints
             subprocess.run([sys.executable, *cmd, "--device", "cpu"], cwd=ROOT, check=True, capture_output=True)
         print(f"# grid driver benchmark\n\n{os.cpu_count()} CPUs; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; "

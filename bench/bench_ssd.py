@@ -58,6 +58,7 @@ import datasets  # noqa: E402
 import methods  # noqa: E402
 import metrics  # noqa: E402
 import models  # noqa: E402
+import runner  # noqa: E402
 import ssd  # noqa: E402
 import training  # noqa: E402
 from common import UserError, resolve_device  # noqa: E402
@@ -298,9 +299,10 @@ def bench_rss(args, device: torch.device, tmp: Path) -> dict:
     dev = ["--device", device.type]
     pretrain = [py, str(ROOT / "pretrain_model.py"), "--dataset", "digits", "--width", str(args.width),
                 "--epochs", "1", "--milestones", "--checkpoint-dir", str(ckpt), "--seed", "0", *dev]
-    forget = [py, str(ROOT / "forget_full_class_main.py"), "--forget-class", "three", "--method", "ssd",
-              "--checkpoint-dir", str(ckpt), "--seed", "0", "--results", str(tmp / "r.jsonl"),
-              "--importance-cache", str(tmp / "forget_cache"), "--wandb", "disabled", *dev]
+    config = runner.RunConfig("full_class", forget_class="three", method="ssd", checkpoint_dir=str(ckpt), seed=0,
+                              results=str(tmp / "r.jsonl"), importance_cache=str(tmp / "forget_cache"),
+                              wandb="disabled", device=device.type)
+    forget = [py, str(ROOT / runner.SCRIPTS["full_class"]), *config.to_argv()]
     # the children run in the temporary folder, so nothing they write lands in the repository
     imports = [py, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import runner"]
     # the floor: what importing the suite (torch, torchvision, sklearn, ...) costs before any work
@@ -323,9 +325,7 @@ def bench_rss(args, device: torch.device, tmp: Path) -> dict:
 # 5. ssd_search against a plain SSD request
 
 def bench_search(args, device: torch.device, tmp: Path) -> dict:
-    import forget_full_class_main
     import pretrain_model
-    import runner
 
     epochs = ["--epochs", "2", "--milestones", "1"] if args.quick else []
     ckpt = pretrain_model.main(["--dataset", "digits", "--width", str(args.width), "--seed", "1", "--device",
@@ -333,17 +333,17 @@ def bench_search(args, device: torch.device, tmp: Path) -> dict:
     runs = {"ssd": [], "ssd_search": [], "ssd_search geometric": []}
     infos = defaultdict(list)
     for cls in args.search_classes:
-        p = runner.plan("full_class", forget_full_class_main.SSD_PARAMS,
-                        ["--weights", str(ckpt / "model.pt"), "--forget-class", cls, "--device", device.type])
-        original = runner.load_model(p.weights, p.meta).to(device)
+        base = runner.RunConfig("full_class", forget_class=cls, weights=str(ckpt / "model.pt"), device=device.type)
+        plans = {name: runner.plan(dataclasses.replace(base, method=name.split()[0])) for name in runs}
+        original = models.load_checkpoint(plans["ssd"].weights, plans["ssd"].meta).to(device)
         for i in range(args.repeats):
-            for name in runs:  # interleaved, each with an empty cache folder: I_D is computed every time
-                method = methods.REGISTRY[name.split()[0]]
+            for name, p in plans.items():  # interleaved, each with an empty cache folder: I_D is computed every time
+                method = methods.REGISTRY[p.config.method]
                 ctx = dataclasses.replace(runner.run_context(p, device), importance_cache=str(
                     tmp / f"search_cache_{cls}_{i}_{name.replace(' ', '_')}"))
-                hp = method.params(**{n: getattr(p.args, n) for n in method.param_names})
+                hp = p.config.hp
                 if name.endswith("geometric"):
-                    hp.search_strategy = "geometric"
+                    hp = dataclasses.replace(hp, search_strategy="geometric")
                 model = copy.deepcopy(original)
                 seconds, (_, info) = timed(lambda: method.fn(model, p.splits, hp, ctx), device)
                 runs[name].append(seconds)

@@ -25,29 +25,37 @@ import training  # noqa: E402
 torch.set_num_threads(1)
 
 SSD_PARAMS = {"resnet18": (10.0, 1.0), "vit": (5.0, 1.0)}  # what the task scripts hold, for tests
-SCENARIO_FLAGS = {"full_class": ["--forget-class", "three"], "sub_class": ["--forget-class", "three"],
-                  "random": ["--forget-count", "12"]}
+
+
+def run_argv(scenario: str, argv: list[str], ssd_params: dict = SSD_PARAMS) -> dict | None:
+    """What `python <task script> <argv>` does, in-process, raising UserError instead of exiting."""
+    return runner.execute(runner.RunConfig.from_argv(scenario, argv, ssd_params))
+
+
+def plan_argv(scenario: str, argv: list[str], ssd_params: dict = SSD_PARAMS) -> runner.Plan:
+    return runner.plan(runner.RunConfig.from_argv(scenario, argv, ssd_params))
+
+
+SCENARIO_FIELDS = {"full_class": {"forget_class": "three"}, "sub_class": {"forget_class": "three"},
+                   "random": {"forget_count": 12}}
 
 
 def method_args(method: str, scenario: str = "full_class", num_classes: int = 10, image_size: int = 8,
                 **overrides) -> tuple:
     """(hyperparameters, RunContext) for calling methods.REGISTRY[method].fn directly, as a run would:
-    the method's CLI defaults for the scenario, then `overrides`. An override naming a RunContext
-    field goes to the context (a CPU run of a width-4 ResNet18 with a 1-epoch recipe); fields of
-    other methods are ignored, so one dict of small settings serves every method."""
-    method_entry = methods.REGISTRY[method]
-    args = runner.build_parser(scenario, SSD_PARAMS, "").parse_args(SCENARIO_FLAGS[scenario])
-    values = {n: getattr(args, n) for n in method_entry.param_names}
-    if method_entry.uses_alpha:
-        values["alpha"], values["lam"] = SSD_PARAMS["resnet18"]
+    the method's defaults for the scenario, then `overrides`. An override naming a RunContext field
+    goes to the context (a CPU run of a width-4 ResNet18 with a 1-epoch recipe); fields of other
+    methods are ignored, so one dict of small settings serves every method."""
+    config = runner.RunConfig(scenario, method=method, **SCENARIO_FIELDS[scenario]).resolve(SSD_PARAMS)
+    values = dataclasses.asdict(config.hp)
     values.update({k: v for k, v in overrides.items() if k in values})
-    ctx = methods.RunContext(device=torch.device("cpu"), seed=args.seed, batch_size=args.batch_size, amp=False,
+    ctx = methods.RunContext(device=torch.device("cpu"), seed=config.seed, batch_size=config.batch_size, amp=False,
                              recipe=training.Recipe(epochs=1, batch_size=32).as_dict(),
                              model_spec=models.make_spec("resnet18", num_classes, image_size, width=4),
                              pretrained=False, checkpoint_sha256=None, importance_cache=None)
     context_fields = {f.name for f in dataclasses.fields(methods.RunContext)}
     ctx = dataclasses.replace(ctx, **{k: v for k, v in overrides.items() if k in context_fields})
-    return method_entry.params(**values), ctx
+    return type(config.hp)(**values), ctx
 
 
 @pytest.fixture()
@@ -110,6 +118,16 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     ckpt_dir = tmp_path_factory.mktemp("ckpt")
     return pretrain_model.main(["--dataset", "digits", "--width", "4", "--image-size", "16", "--epochs", "2",
                                 "--milestones", "1", "--seed", "0", "--checkpoint-dir", str(ckpt_dir),
+                                "--device", "cpu"])
+
+
+@pytest.fixture(scope="session")
+def digits5_checkpoint(tmp_path_factory) -> Path:
+    """The same for digits5 (superclasses of two digits), which the sub-class scenario needs."""
+    import pretrain_model
+
+    return pretrain_model.main(["--dataset", "digits5", "--width", "4", "--image-size", "16", "--epochs", "1",
+                                "--milestones", "--seed", "0", "--checkpoint-dir", str(tmp_path_factory.mktemp("d5")),
                                 "--device", "cpu"])
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+import cli
 import datasets
 import metrics
 import models
@@ -18,7 +19,7 @@ import runner
 import ssd
 from common import UserError
 
-from conftest import SSD_PARAMS
+from conftest import SSD_PARAMS, run_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -209,7 +210,7 @@ def test_zrf_is_one_for_identical_models_and_js_is_bounded():
 def _run(scenario, tiny_checkpoint, tmp_path, *extra):
     argv = ["--weights", str(tiny_checkpoint / "model.pt"), "--results", str(tmp_path / "results.jsonl"),
             "--device", "cpu", "--wandb", "disabled", "--importance-cache", str(tmp_path / "cache"), *extra]
-    return runner.run(scenario, SSD_PARAMS, argv)
+    return run_argv(scenario, argv)
 
 
 def test_end_to_end_run_writes_one_results_line_and_resumes(tiny_checkpoint, tmp_path):
@@ -226,8 +227,8 @@ def test_end_to_end_run_writes_one_results_line_and_resumes(tiny_checkpoint, tmp
     assert saved["times"]["method_s"] > 0 and saved["times"]["eval_s"] > 0
     assert saved["times"]["method_s"] >= saved["times"]["importance_full_s"]
     assert saved["method_info"]["cache_hit"] is False
-    # the same run again is skipped; a different seed is a new run and hits the importance cache
-    assert _run("full_class", tiny_checkpoint, tmp_path, "--forget-class", "three", "--method", "ssd", "--seed", "3") is None
+    # the same run again is skipped (and gives the record); a different seed is a new run and hits the cache
+    assert _run("full_class", tiny_checkpoint, tmp_path, "--forget-class", "three", "--method", "ssd", "--seed", "3") == saved
     again = _run("full_class", tiny_checkpoint, tmp_path, "--forget-class", "three", "--method", "ssd", "--seed", "4")
     assert again["method_info"]["cache_hit"] is True
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 2
@@ -240,7 +241,7 @@ def _expect_user_error(match, scenario, tiny_checkpoint, tmp_path, kept_results,
             "--device", "cpu", "--wandb", "disabled", *extra]
     before = kept_results.read_bytes()
     with pytest.raises(UserError, match=match):
-        runner.run(scenario, SSD_PARAMS, argv)
+        run_argv(scenario, argv)
     assert kept_results.read_bytes() == before
 
 
@@ -289,7 +290,7 @@ def test_corrupt_checkpoint(tiny_checkpoint, tmp_path, kept_results, keep_hash):
 
 @pytest.mark.parametrize("flags", [["--alpha", "-1"], ["--lambda", "-0.5"]])
 def test_negative_alpha_or_lambda(tiny_checkpoint, tmp_path, kept_results, flags):
-    _expect_user_error(r"--(alpha|lambda): -[\d.]+ is out of range \(pass a number >= 0", "full_class",
+    _expect_user_error(r"--(alpha|lambda)\): -[\d.]+ is out of range \(pass a number >= 0", "full_class",
                        tiny_checkpoint, tmp_path, kept_results, "--forget-class", "one", *flags)
 
 
@@ -318,7 +319,7 @@ def test_help_documents_every_flag():
     for flag in ("--net", "--dataset", "--forget-class", "--method", "--weights", "--seed", "--batch-size",
                  "--device", "--data-dir", "--results", "--alpha", "--lambda"):
         assert flag in out.stdout
-    parser = runner.build_parser("full_class", SSD_PARAMS, "")
+    parser = cli.forget_parser("full_class", runner.parser_defaults("full_class"), SSD_PARAMS)
     for action in parser._actions:
         assert action.help, f"{action.option_strings} has no help"
 

@@ -1,6 +1,7 @@
 """The driver and the results file: run keys, resume, locking, fan-out, command printing."""
 import multiprocessing as mp
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,8 @@ import pytest
 import experiments
 import methods
 import results
+import runner
+import worker
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,13 +70,15 @@ def test_claim_is_exclusive(tmp_path):
 
 
 def test_print_commands_counts_classes_methods_and_seeds():
-    out = subprocess.run([sys.executable, "experiments.py", "--print-commands", "--table", "cifar100_full_resnet"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "experiments.py", "--print-commands", "--table", "cifar100_full_resnet",
+                          "--extra", "--retrain-epochs 3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
     lines = out.stdout.splitlines()
     assert len(lines) == 5 * len(methods.REGISTRY) * 5
-    assert all(ln.startswith("python forget_full_class_main.py") for ln in lines)
+    assert all(ln.startswith("python forget_full_class_main.py --net resnet18 --dataset cifar100") for ln in lines)
     assert sum("--forget-class rocket" in ln and "--method ssd " in ln for ln in lines) == 5
+    # a method's own flag from --extra goes to that method's commands only
+    assert all(("--retrain-epochs 3" in ln) == ("--method retrain" in ln) for ln in lines)
     assert "pretrain first" in out.stderr
 
 
@@ -83,11 +88,19 @@ def test_unknown_table_is_a_one_line_error():
     assert out.returncode == 2 and out.stderr.startswith("error: unknown table nope")
 
 
+def script(tmp_path: Path, name: str, code: str) -> str:
+    """A small script file that a worker runs as it runs pretrain_model.py."""
+    path = tmp_path / f"{name}.py"
+    path.write_text(code)
+    return str(path)
+
+
 def test_two_cpu_slots_run_two_runs_at_once(tmp_path):
     args = experiments.parse_args(["cpu,cpu", "--isolate", "--logs", str(tmp_path / "logs")])
-    stamp = "import sys, time; t=time.time(); time.sleep(1.5); open(sys.argv[1], 'w').write(f'{t} {time.time()}')"
-    commands = [(f"job{i}", ["-c", stamp, str(tmp_path / f"t{i}")]) for i in range(2)]
-    failures = experiments.execute(args, commands)
+    stamp = script(tmp_path, "stamp", "import sys, time; t=time.time(); time.sleep(1.5); "
+                                      "open(sys.argv[1], 'w').write(f'{t} {time.time()}')")
+    commands = [(f"job{i}", [stamp, str(tmp_path / f"t{i}")]) for i in range(2)]
+    failures = worker.run_local(args, commands)
     assert failures == []
     (s0, e0), (s1, e1) = [map(float, (tmp_path / f"t{i}").read_text().split()) for i in range(2)]
     assert s1 < e0 and s0 < e1  # the two intervals overlap
@@ -96,25 +109,25 @@ def test_two_cpu_slots_run_two_runs_at_once(tmp_path):
 @pytest.mark.parametrize("isolate", [True, False], ids=["isolate", "worker"])
 def test_failures_are_reported_and_the_rest_still_runs(tmp_path, isolate):
     args = experiments.parse_args(["cpu", "--logs", str(tmp_path / "logs")] + (["--isolate"] if isolate else []))
-    commands = [("bad", ["-c", "import sys; sys.exit(3)"]),
-                ("raises", ["-c", "raise RuntimeError('boom')"]),
-                ("good", ["-c", f"open({str(tmp_path / 'ok')!r}, 'w')"])]
-    failures = experiments.execute(args, commands)
+    commands = [("bad", [script(tmp_path, "bad", "import sys; sys.exit(3)")]),
+                ("raises", [script(tmp_path, "raises", "raise RuntimeError('boom')")]),
+                ("good", [script(tmp_path, "good", f"open({str(tmp_path / 'ok')!r}, 'w')")])]
+    failures = worker.run_local(args, commands)
     assert [(label, why) for label, _, why in failures] == [("bad", "exit 3"), ("raises", "exit 1")]
     assert (tmp_path / "ok").exists()
-    assert "import sys" in (tmp_path / "logs" / "bad.log").read_text()  # the log holds the command
+    assert "bad.py" in (tmp_path / "logs" / "bad.log").read_text().splitlines()[0]  # the log holds the command
     raised = (tmp_path / "logs" / "raises.log").read_text()
-    assert "raise RuntimeError" in raised.splitlines()[0] and "RuntimeError: boom" in raised  # and the traceback
+    assert "raises.py" in raised.splitlines()[0] and "RuntimeError: boom" in raised  # and the traceback
 
 
 def test_a_worker_that_dies_is_replaced_and_its_run_marked_failed(tmp_path):
     args = experiments.parse_args(["cpu", "--logs", str(tmp_path / "logs")])
     pid = "import os; open({!r}, 'w').write(str(os.getpid()))"
-    commands = [("first", ["-c", pid.format(str(tmp_path / "first"))]),
-                ("raises", ["-c", pid.format(str(tmp_path / "raises")) + "; raise ValueError('bad run')"]),
-                ("victim", ["-c", pid.format(str(tmp_path / "victim")) + "; import signal; os.kill(os.getpid(), signal.SIGKILL)"]),
-                ("after", ["-c", pid.format(str(tmp_path / "after"))])]
-    failures = experiments.execute(args, commands)
+    code = {"first": pid.format(str(tmp_path / "first")),
+            "raises": pid.format(str(tmp_path / "raises")) + "; raise ValueError('bad run')",
+            "victim": pid.format(str(tmp_path / "victim")) + "; import signal; os.kill(os.getpid(), signal.SIGKILL)",
+            "after": pid.format(str(tmp_path / "after"))}
+    failures = worker.run_local(args, [(name, [script(tmp_path, name, c)]) for name, c in code.items()])
     assert [(label, why) for label, _, why in failures] == [
         ("raises", "exit 1"), ("victim", "worker died: killed by SIGKILL (the out-of-memory killer sends SIGKILL)")]
     pids = {name: (tmp_path / name).read_text() for name in ("first", "raises", "victim", "after")}
@@ -123,59 +136,48 @@ def test_a_worker_that_dies_is_replaced_and_its_run_marked_failed(tmp_path):
     assert "worker died: killed by SIGKILL" in (tmp_path / "logs" / "victim.log").read_text()
 
 
-@pytest.fixture(scope="module")
-def digits5_checkpoint(tmp_path_factory) -> Path:
-    import pretrain_model
-
-    return pretrain_model.main(["--dataset", "digits5", "--width", "4", "--image-size", "16", "--epochs", "1",
-                                "--milestones", "--seed", "0", "--checkpoint-dir", str(tmp_path_factory.mktemp("d5")),
-                                "--device", "cpu"])
-
-
 SMALL = ["--retrain-epochs", "1", "--finetune-epochs", "1", "--unsir-noise-steps", "3", "--unsir-noise-batch", "4",
          "--unsir-noise-copies", "2", "--unsir-retain-per-class", "5"]
 
 
-def test_a_run_in_the_worker_writes_the_line_its_script_writes(tiny_checkpoint, digits5_checkpoint, tmp_path,
-                                                                monkeypatch):
+def test_a_run_in_the_worker_writes_the_line_it_writes_in_process(tiny_checkpoint, digits5_checkpoint, tmp_path,
+                                                                   monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the same threads, so the same float sums, in both processes
     results_path, cache = tmp_path / "r.jsonl", tmp_path / "cache"
     common = ["--results", str(results_path), "--importance-cache", str(cache), "--wandb", "disabled", "--seed", "1",
               "--device", "cpu", *SMALL]
-    runs = {  # one run per scenario, with methods that train, learn noise and use the importance cache
-        "forget_full_class_main.py": ["--weights", str(tiny_checkpoint / "model.pt"), "--forget-class", "three",
-                                      "--method", "ssd"],
-        "forget_sub_class_main.py": ["--dataset", "digits5", "--weights", str(digits5_checkpoint / "model.pt"),
-                                     "--forget-class", "three", "--method", "unsir"],
-        "forget_random_main.py": ["--weights", str(tiny_checkpoint / "model.pt"), "--forget-count", "20",
-                                  "--method", "bad_teacher"],
-    }
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    for script, argv in runs.items():
-        out = subprocess.run([sys.executable, script, *argv, *common], cwd=ROOT, env=env, capture_output=True,
-                             text=True, timeout=300)
-        assert out.returncode == 0, out.stderr[-2000:]
-    by_script = results.read(results_path)
+    configs = [  # one run per scenario, with methods that train, learn noise and use the importance cache
+        runner.RunConfig.from_argv("full_class", ["--weights", str(tiny_checkpoint / "model.pt"), "--forget-class",
+                                                  "three", "--method", "ssd", *common]),
+        runner.RunConfig.from_argv("sub_class", ["--dataset", "digits5", "--weights", str(digits5_checkpoint / "model.pt"),
+                                                 "--forget-class", "three", "--method", "unsir", *common]),
+        runner.RunConfig.from_argv("random", ["--weights", str(tiny_checkpoint / "model.pt"), "--forget-count", "20",
+                                              "--method", "bad_teacher", *common])]
+    for config in configs:
+        runner.execute(config)
+    in_process = results.read(results_path)
     results_path.unlink()
     shutil.rmtree(cache)
 
     # the worker runs something else first, so whatever a run leaves behind in the process would show
-    warm_up = ["--weights", str(tiny_checkpoint / "model.pt"), "--forget-count", "30", "--method", "finetune",
-               "--seed", "4", "--results", str(tmp_path / "other.jsonl"), "--wandb", "disabled", *SMALL]
+    warm_up = runner.RunConfig.from_argv("random", [
+        "--weights", str(tiny_checkpoint / "model.pt"), "--forget-count", "30", "--method", "finetune", "--seed", "4",
+        "--results", str(tmp_path / "other.jsonl"), "--wandb", "disabled", *SMALL])
     args = experiments.parse_args(["cpu", "--logs", str(tmp_path / "logs")])
-    commands = [("warm-up", ["forget_random_main.py", *warm_up])]
-    commands += [(script, [script, *argv, *common]) for script, argv in runs.items()]
-    assert experiments.execute(args, commands) == []
+    jobs = [("warm-up", warm_up)] + [(c.scenario, c) for c in configs]
+    assert worker.run_local(args, jobs) == []
     by_worker = results.read(results_path)
 
     def comparable(record: dict) -> dict:
         return {k: v for k, v in record.items() if k not in ("times", "started")}
 
-    assert len(by_script) == len(by_worker) == 3
+    assert len(in_process) == len(by_worker) == 3
     assert [r["config"]["scenario"] for r in by_worker] == ["full_class", "sub_class", "random"]
-    for script_line, worker_line in zip(by_script, by_worker):
-        assert comparable(worker_line) == comparable(script_line)
-        assert worker_line["times"].keys() == script_line["times"].keys()
+    for line, worker_line in zip(in_process, by_worker):
+        assert comparable(worker_line) == comparable(line)
+        assert worker_line["times"].keys() == line["times"].keys()
+    log = (tmp_path / "logs" / "full_class.log").read_text().splitlines()[0]
+    assert log.endswith("forget_full_class_main.py " + shlex.join(configs[0].to_argv()))  # the command heads the log
 
 
 def test_resume_skips_runs_already_in_the_results_file(tiny_checkpoint, tmp_path):
@@ -184,11 +186,9 @@ def test_resume_skips_runs_already_in_the_results_file(tiny_checkpoint, tmp_path
             "--results", str(tmp_path / "r.jsonl"), "--checkpoint-dir", ckpt_dir, "--extra", "--wandb disabled"]
     args = experiments.parse_args(argv)
     runs = experiments.expand(args, experiments.select_tables(args))
-    assert len(runs) == 2 and experiments.pretrain_commands(args, experiments.select_tables(args)) == []
+    assert len(runs) == 2 and experiments.pretrain_commands(args, experiments.select_tables(args)) == {}
     assert len(experiments.todo(args, runs)) == 2
-    import forget_full_class_main
-    import runner
-    runner.run("full_class", forget_full_class_main.SSD_PARAMS, runs[0].argv + ["--device", "cpu"])
+    runner.execute(runs[0].config)
     left = experiments.todo(args, runs)
     assert [r.label for r in left] == [runs[1].label]
     assert experiments.main(argv + ["--no-tables"]) == 0
@@ -201,7 +201,7 @@ def test_verdict_suite_covers_ten_requests_per_pair_table_with_its_methods_in_it
     args = experiments.parse_args(["cpu", "--suite", "verdict", "--print-commands"])
     runs = experiments.expand(args, experiments.select_tables(args))
     assert args.results == experiments.VERDICT_RESULTS and args.seeds == [1, 2]
-    methods_per_run = {r.argv[r.argv.index("--method") + 1] for r in runs}
+    methods_per_run = {r.config.method for r in runs}
     assert methods_per_run == set(experiments.VERDICT_METHODS)
     per_table = {t: len([r for r in runs if r.table == t]) for t in experiments.VERDICT_TABLES}
     n = len(experiments.VERDICT_METHODS) * 2

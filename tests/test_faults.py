@@ -22,9 +22,11 @@ import datasets
 import experiments
 import forget_random_main
 import methods
+import models
 import results
 import runner
 from common import UserError, make_deterministic
+from conftest import plan_argv, run_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 SSD_PARAMS = forget_random_main.SSD_PARAMS
@@ -73,7 +75,7 @@ def kill_after(cmd: list[str], delay: float, start: str) -> str:
 def test_killed_forget_runs_leave_valid_results_and_the_next_run_completes_once(tiny_checkpoint, tmp_path, capsys):
     rng = random.Random(1)
     argv = argv_for(tiny_checkpoint, tmp_path, "--forget-count", "12", "--method", "ssd", "--seed", "1")
-    key = runner.plan("random", SSD_PARAMS, argv).key
+    key = plan_argv("random", argv, SSD_PARAMS).key
     path = tmp_path / "results.jsonl"
     path.write_text('{"key": "earlier", "metrics": {}}\n')  # a finished run that must survive every kill
     outcomes = []
@@ -86,20 +88,26 @@ def test_killed_forget_runs_leave_valid_results_and_the_next_run_completes_once(
         assert [r["key"] for r in records if r["key"] != key] == ["earlier"]
         assert sum(r["key"] == key for r in records) <= 1
     assert "killed" in outcomes
-    runner.run("random", SSD_PARAMS, argv)  # the next run: completes (or skips, if a kill came too late)
+    run_argv("random", argv, SSD_PARAMS)  # the next run: completes (or skips, if a kill came too late)
     records = check_jsonl(path)
     assert sorted(r["key"] for r in records) == sorted(["earlier", key])
     before = path.read_bytes()
     capsys.readouterr()
-    assert runner.run("random", SSD_PARAMS, argv) is None  # a completed run is skipped
+    assert run_argv("random", argv, SSD_PARAMS)["key"] == key  # a completed run is skipped: its record comes back
     assert "skip:" in capsys.readouterr().out
     assert path.read_bytes() == before
 
 
 def start_worker() -> subprocess.Popen:
     """A persistent worker, as the driver starts one per device slot."""
-    return subprocess.Popen([sys.executable, "experiments.py", "--worker"], cwd=ROOT, env=CHILD_ENV,
+    return subprocess.Popen([sys.executable, "worker.py"], cwd=ROOT, env=CHILD_ENV,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def config_job(argv: list[str], log: Path) -> str:
+    """A worker's job line: the run of `forget_random_main.py <argv>`, as a RunConfig."""
+    config = runner.RunConfig.from_argv("random", argv, SSD_PARAMS)
+    return json.dumps({"config": config.to_dict(), "log": str(log)}) + "\n"
 
 
 def wait_for_line(path: Path, starts: tuple[str, ...], timeout: float = 120) -> str:
@@ -117,7 +125,7 @@ def wait_for_line(path: Path, starts: tuple[str, ...], timeout: float = 120) -> 
 def test_a_worker_killed_mid_run_leaves_valid_results_and_the_next_run_completes_once(tiny_checkpoint, tmp_path):
     rng = random.Random(3)
     argv = argv_for(tiny_checkpoint, tmp_path, "--forget-count", "12", "--method", "ssd", "--seed", "1")
-    key = runner.plan("random", SSD_PARAMS, argv).key
+    key = plan_argv("random", argv, SSD_PARAMS).key
     path = tmp_path / "results.jsonl"
     path.write_text('{"key": "earlier", "metrics": {}}\n')
     worker = start_worker()
@@ -129,7 +137,7 @@ def test_a_worker_killed_mid_run_leaves_valid_results_and_the_next_run_completes
                         results_name="warm.jsonl")
         for i in range(2):
             log = tmp_path / f"warm{i}.log"
-            worker.stdin.write(json.dumps({"cmd": ["forget_random_main.py", *warm, "--force"], "log": str(log)}) + "\n")
+            worker.stdin.write(config_job([*warm, "--force"], log))
             worker.stdin.flush()
             wait_for_line(log, ("random: ssd",))
             t0 = time.monotonic()
@@ -138,7 +146,7 @@ def test_a_worker_killed_mid_run_leaves_valid_results_and_the_next_run_completes
         mid_run = 0
         for i in range(4):
             log = tmp_path / f"run{i}.log"
-            worker.stdin.write(json.dumps({"cmd": ["forget_random_main.py", *argv], "log": str(log)}) + "\n")
+            worker.stdin.write(config_job(argv, log))
             worker.stdin.flush()
             done = key in results.done_keys(path)
             if wait_for_line(log, ("random: ssd", "skip:")).startswith("skip:"):
@@ -154,7 +162,7 @@ def test_a_worker_killed_mid_run_leaves_valid_results_and_the_next_run_completes
             worker = start_worker()
         assert mid_run, "no kill landed before the run was done; nothing was tested"
         log = tmp_path / "final.log"
-        worker.stdin.write(json.dumps({"cmd": ["forget_random_main.py", *argv], "log": str(log)}) + "\n")
+        worker.stdin.write(config_job(argv, log))
         worker.stdin.flush()
         assert json.loads(worker.stdout.readline()) == {"rc": 0}, log.read_text()[-2000:]
     finally:
@@ -175,7 +183,7 @@ def test_killing_the_driver_at_random_points_then_restarting_runs_each_cell_once
             "--extra", f"--wandb disabled --finetune-epochs 1 --importance-cache {tmp_path / 'cache'}"]
     args = experiments.parse_args(argv)
     runs = experiments.expand(args, experiments.select_tables(args))
-    keys = {runner.plan("full_class", SSD_PARAMS, r.argv + ["--device", "cpu"]).key for r in runs}
+    keys = {runner.plan(r.config).key for r in runs}
     assert len(keys) == len(runs) == 6
     mid_run = 0
     for whole_group in [True, False, True, False]:
@@ -256,8 +264,8 @@ while True:  # every file is one constant i throughout, padded so that a write t
 
 def _importance_setup(ckpt: Path, tmp_path: Path):
     """The model, splits and context that methods.ssd_importances sees in a tiny ssd run."""
-    p = runner.plan("full_class", SSD_PARAMS, argv_for(ckpt, tmp_path, "--forget-class", "three"))
-    return runner.load_model(p.weights, p.meta), p.splits, runner.run_context(p, torch.device("cpu"))
+    p = plan_argv("full_class", argv_for(ckpt, tmp_path, "--forget-class", "three"), SSD_PARAMS)
+    return models.load_checkpoint(p.weights, p.meta), p.splits, runner.run_context(p, torch.device("cpu"))
 
 
 def test_a_cache_write_killed_midway_leaves_only_complete_files(tiny_checkpoint, tmp_path, monkeypatch):
@@ -306,13 +314,18 @@ def test_make_deterministic_sets_every_switch(restore_determinism, monkeypatch):
 
 
 @pytest.mark.parametrize("method, extra", [("ssd", []), ("finetune", ["--finetune-epochs", "1"])])
-def test_same_seed_gives_identical_metrics(tiny_checkpoint, tmp_path, restore_determinism, method, extra):
+def test_same_seed_gives_identical_metrics(tiny_checkpoint, tmp_path, restore_determinism, monkeypatch, method,
+                                           extra):
     argv = argv_for(tiny_checkpoint, tmp_path, "--forget-class", "three", "--method", method, "--seed", "2",
                     "--no-importance-cache", *extra)
-    first = runner.run("full_class", SSD_PARAMS, argv)
+    first = run_argv("full_class", argv, SSD_PARAMS)
     torch.manual_seed(123)  # global state left behind by the first run must not matter
-    second = runner.run("full_class", SSD_PARAMS, argv + ["--deterministic", "--force"])
-    assert torch.are_deterministic_algorithms_enabled()  # the flag reached make_deterministic
+    during = []
+    monkeypatch.setattr(methods.REGISTRY[method], "fn", lambda *a, fn=methods.REGISTRY[method].fn: (
+        during.append(torch.are_deterministic_algorithms_enabled()) or fn(*a)))
+    second = run_argv("full_class", argv + ["--deterministic", "--force"], SSD_PARAMS)
+    assert during == [True]  # the flag reached make_deterministic, for the run
+    assert not torch.are_deterministic_algorithms_enabled()  # and the switches were put back after it
     assert second["key"] == first["key"]  # --deterministic picks kernels; it is not another run
     assert second["config"]["deterministic"] is True
     assert second["metrics"] == first["metrics"]
@@ -327,7 +340,7 @@ def expect_user_error(match: str, scenario: str, ckpt: Path, tmp_path: Path, kep
     argv = argv_for(ckpt, tmp_path, *extra, results_name=kept.name)
     before = kept.read_bytes()
     with pytest.raises(UserError, match=match) as e:
-        runner.run(scenario, SSD_PARAMS, argv)
+        run_argv(scenario, argv, SSD_PARAMS)
     assert kept.read_bytes() == before
     return str(e.value)
 
@@ -370,8 +383,8 @@ def test_class_index_out_of_range(tiny_checkpoint, tmp_path, kept_results):
 
 @pytest.mark.parametrize("flags, match", [
     (["--forget-count", "100000"], r"cannot forget 100000 of \d+ .*choose --forget-count between 1 and \d+"),
-    (["--forget-count", "0"], r"--forget-count: 0 is out of range \(pass an integer >= 1\)"),
-    (["--forget-fraction", "1.0"], r"--forget-fraction: 1.0 is out of range \(pass a number > 0 and < 1\)")],
+    (["--forget-count", "0"], r"--forget-count\): 0 is out of range \(pass an integer >= 1\)"),
+    (["--forget-fraction", "1.0"], r"--forget-fraction\): 1.0 is out of range \(pass a number > 0 and < 1\)")],
     ids=["too-many", "zero", "all"])
 def test_forget_count_outside_the_training_set(tiny_checkpoint, tmp_path, kept_results, flags, match):
     expect_user_error(match, "random", tiny_checkpoint, tmp_path, kept_results, *flags)
@@ -384,18 +397,18 @@ def test_truncated_results_file_is_read_around_and_appended_to(tiny_checkpoint, 
     assert [r["key"] for r in results.read(path)] == ["earlier"]
     assert f"{path}:2 is not valid JSON" in capsys.readouterr().err
     argv = argv_for(tiny_checkpoint, tmp_path, "--forget-class", "three", "--method", "baseline")
-    record = runner.run("full_class", SSD_PARAMS, argv)
+    record = run_argv("full_class", argv, SSD_PARAMS)
     assert "is not valid JSON" in capsys.readouterr().err
     lines = path.read_text().splitlines()
     assert lines[:3] == [good, good[:-1], good[:25]]  # damaged lines are kept for a person to look at
     assert json.loads(lines[3])["key"] == record["key"] and len(lines) == 4
     assert [r["key"] for r in results.read(path)] == ["earlier", record["key"]]
-    assert runner.run("full_class", SSD_PARAMS, argv) is None  # and the new line counts as done
+    assert run_argv("full_class", argv, SSD_PARAMS)["key"] == record["key"]  # and the new line counts as done
 
 
 def test_foreign_or_damaged_importance_cache_is_recomputed(tiny_checkpoint, tmp_path, capsys):
     argv = argv_for(tiny_checkpoint, tmp_path, "--forget-class", "three", "--method", "ssd", "--force")
-    first = runner.run("full_class", SSD_PARAMS, argv)
+    first = run_argv("full_class", argv, SSD_PARAMS)
     assert first["method_info"]["cache_hit"] is False
     (path,) = (tmp_path / "cache").glob("*.pt")
     good = path.read_bytes()
@@ -410,10 +423,10 @@ def test_foreign_or_damaged_importance_cache_is_recomputed(tiny_checkpoint, tmp_
         if content is not None:
             path.write_bytes(content)
         capsys.readouterr()
-        again = runner.run("full_class", SSD_PARAMS, argv)
+        again = run_argv("full_class", argv, SSD_PARAMS)
         assert warning in capsys.readouterr().out
         assert again["method_info"]["cache_hit"] is False
         assert again["method_info"]["dampened"] == first["method_info"]["dampened"]
         assert again["metrics"] == first["metrics"]
         assert torch.load(path, weights_only=True)["key"] == stored["key"]  # replaced by a good file
-    assert runner.run("full_class", SSD_PARAMS, argv)["method_info"]["cache_hit"] is True
+    assert run_argv("full_class", argv, SSD_PARAMS)["method_info"]["cache_hit"] is True

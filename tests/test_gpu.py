@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import runner
+import models
 import ssd
+from conftest import plan_argv, run_argv
 from training import loader
 
 torch.set_num_threads(1)
@@ -28,8 +29,8 @@ def argv_for(ckpt: Path, tmp_path: Path, *extra: str) -> list[str]:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_forget_run_on_cuda_writes_its_results_line(tiny_checkpoint, tmp_path):
-    record = runner.run("full_class", SSD_PARAMS, argv_for(tiny_checkpoint, tmp_path, "--device", "cuda",
-                                                           "--method", "ssd"))
+    record = run_argv("full_class", argv_for(tiny_checkpoint, tmp_path, "--device", "cuda", "--method", "ssd"),
+                      SSD_PARAMS)
     (line,) = (tmp_path / "results.jsonl").read_text().splitlines()
     saved = json.loads(line)
     assert saved["key"] == record["key"] and saved["config"]["device"] == "cuda"
@@ -46,9 +47,9 @@ def _selection(imp_full: dict, imp_forget: dict, alpha: float) -> torch.Tensor:
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 def test_bf16_importances_are_finite_and_select_like_fp32(tiny_checkpoint, tmp_path, device):
-    p = runner.plan("full_class", SSD_PARAMS, argv_for(tiny_checkpoint, tmp_path, "--device", device))
+    p = plan_argv("full_class", argv_for(tiny_checkpoint, tmp_path, "--device", device), SSD_PARAMS)
     dev = torch.device(device)
-    model = runner.load_model(p.weights, p.meta).to(dev)
+    model = models.load_checkpoint(p.weights, p.meta).to(dev)
     imp = {}
     for amp in (False, True):
         full = ssd.importance(model, loader(p.splits.full_train, 64, dev, shuffle=True, seed=0), dev, amp=amp)
@@ -69,8 +70,8 @@ def test_bf16_importances_are_finite_and_select_like_fp32(tiny_checkpoint, tmp_p
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bf16_eval_run_completes_close_to_fp32(tiny_checkpoint, tmp_path):
     argv = argv_for(tiny_checkpoint, tmp_path, "--device", "cuda", "--method", "baseline")
-    fp32 = runner.run("full_class", SSD_PARAMS, argv)
-    bf16 = runner.run("full_class", SSD_PARAMS, argv + ["--amp"])
+    fp32 = run_argv("full_class", argv, SSD_PARAMS)
+    bf16 = run_argv("full_class", argv + ["--amp"], SSD_PARAMS)
     assert bf16["config"]["amp"] is True and bf16["key"] != fp32["key"]
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 2
     for k in ("test_acc", "retain_test_acc", "forget_train_acc", "retain_train_acc"):
@@ -82,7 +83,7 @@ def test_bf16_eval_run_completes_close_to_fp32(tiny_checkpoint, tmp_path):
 def test_deterministic_cuda_reruns_are_identical(tiny_checkpoint, tmp_path, restore_determinism):
     argv = argv_for(tiny_checkpoint, tmp_path, "--device", "cuda", "--method", "ssd", "--deterministic",
                     "--no-importance-cache", "--force")
-    first = runner.run("full_class", SSD_PARAMS, argv)
-    second = runner.run("full_class", SSD_PARAMS, argv)
+    first = run_argv("full_class", argv, SSD_PARAMS)
+    second = run_argv("full_class", argv, SSD_PARAMS)
     assert second["metrics"] == first["metrics"]
     assert second["method_info"] == first["method_info"]

@@ -14,6 +14,7 @@ import models
 import runner
 import ssd
 import training
+from conftest import plan_argv, run_argv
 
 torch.set_num_threads(1)
 
@@ -36,12 +37,12 @@ def small_data():
 def setup(scenario: str, data: datasets.Data, order: str):
     splits = datasets.build_splits(scenario, data, "three" if scenario != "random" else None, seed=SEED,
                                    forget_count=30)
-    args = runner.build_parser(scenario, {"resnet18": (10.0, 1.0)}, "").parse_args(
-        FLAGS[scenario] + ["--importance-order", order, "--seed", str(SEED)])
+    config = runner.RunConfig.from_argv(scenario, FLAGS[scenario] + ["--importance-order", order, "--seed", str(SEED)],
+                                        {"resnet18": (10.0, 1.0)})
     spec = models.make_spec("resnet18", data.num_classes, 8, width=4)
-    ctx = methods.RunContext(device=torch.device("cpu"), seed=args.seed, batch_size=args.batch_size, amp=False,
+    ctx = methods.RunContext(device=torch.device("cpu"), seed=config.seed, batch_size=config.batch_size, amp=False,
                              recipe={}, model_spec=spec, pretrained=False, checkpoint_sha256=None)
-    return models.initial(spec, pretrained=False, seed=0).eval(), splits, ctx, args.importance_order
+    return models.initial(spec, pretrained=False, seed=0).eval(), splits, ctx, config.hp.importance_order
 
 
 def paper_loaders(scenario: str, data: datasets.Data, batch_size: int) -> tuple[DataLoader, DataLoader]:
@@ -109,21 +110,21 @@ def test_a_run_records_what_ssd_selected_and_warns_when_alpha_selects_nothing(ti
     base = ["--weights", str(tiny_checkpoint / "model.pt"), "--forget-class", "three", "--method", "ssd",
             "--device", "cpu", "--wandb", "disabled", "--results", str(tmp_path / "r.jsonl"),
             "--importance-cache", str(tmp_path / "cache")]
-    nothing = runner.run("full_class", {"resnet18": (10.0, 1.0)}, base + ["--alpha", "1e9"])
+    nothing = run_argv("full_class", base + ["--alpha", "1e9"])
     info = nothing["method_info"]
     assert info["dampened"] == 0 and info["dampened_fraction"] == 0 and info["most_dampened"] == []
     assert info["importance_order"] == "paper" and 0 < info["max_ratio"] < 1e9
-    splits = runner.plan("full_class", {"resnet18": (10.0, 1.0)}, base).splits
+    splits = plan_argv("full_class", base).splits
     assert info["ratio_cap"] == pytest.approx(len(splits.data.train_idx) / len(splits.forget_idx))
     err = capsys.readouterr().err
     assert "selects nothing" in err and f"{info['max_ratio']:.3g}" in err
 
     alpha = info["max_ratio"] / 2  # below the largest ratio: something must be selected
-    some = runner.run("full_class", {"resnet18": (10.0, 1.0)}, base + ["--alpha", str(alpha)])["method_info"]
+    some = run_argv("full_class", base + ["--alpha", str(alpha)])["method_info"]
     assert some["cache_hit"] is True  # the same request again reuses I_D
     assert some["dampened"] > 0 and some["dampened_fraction"] == pytest.approx(
-        some["dampened"] / sum(p.numel() for p in runner.load_model(tiny_checkpoint / "model.pt",
-                                                                     runner.load_meta(tiny_checkpoint / "model.pt")).parameters()))
+        some["dampened"] / sum(p.numel() for p in models.build(models.load_meta(tiny_checkpoint / "model.pt")
+                                                               ["model_spec"]).parameters()))
     counts = [c for _, c in some["most_dampened"]]
     assert 1 <= len(counts) <= 3 and counts == sorted(counts, reverse=True) and sum(counts) <= some["dampened"]
     out = capsys.readouterr()

@@ -14,10 +14,10 @@ import runner
 import ssd
 import training
 
-from conftest import SCENARIO_FLAGS, SSD_PARAMS, method_args
+from conftest import SCENARIO_FIELDS, method_args
 
-SCENARIOS = {scenario: ("digits5" if scenario == "sub_class" else "digits", flags)
-             for scenario, flags in SCENARIO_FLAGS.items()}
+SCENARIOS = {scenario: ("digits5" if scenario == "sub_class" else "digits", fields)
+             for scenario, fields in SCENARIO_FIELDS.items()}
 # Only the amount of work is cut; every other hyperparameter keeps its CLI default.
 SMALL = dict(finetune_epochs=1, amnesiac_epochs=1, unsir_noise_steps=4, unsir_noise_batch=8, unsir_noise_copies=3,
              unsir_retain_per_class=10)
@@ -27,11 +27,11 @@ SMALL = dict(finetune_epochs=1, amnesiac_epochs=1, unsir_noise_steps=4, unsir_no
 def tiny_splits():
     """scenario -> Splits over ~200 training digits of 8x8 pixels."""
     out, cache = {}, {}
-    for scenario, (name, argv) in SCENARIOS.items():
+    for scenario, (name, fields) in SCENARIOS.items():
         if name not in cache:
             data = datasets.build_data(name, image_size=8)
             cache[name] = dataclasses.replace(data, train_idx=data.train_idx[::6])
-        forget_class = argv[1] if scenario != "random" else None
+        forget_class = fields.get("forget_class")
         out[scenario] = datasets.build_splits(scenario, cache[name], forget_class, seed=0, forget_count=12)
     return out
 
@@ -312,9 +312,12 @@ def test_unsir_noise_learned_together_equals_one_target_at_a_time(monkeypatch, p
 
 
 def test_unsir_noise_steps_default_depends_on_the_scenario():
-    steps = {s: runner.build_parser(s, SSD_PARAMS, "").parse_args(a).unsir_noise_steps
-             for s, (_, a) in SCENARIOS.items()}
-    assert steps == {"full_class": 25, "sub_class": 250, "random": 25}
+    flags = {"full_class": ["--forget-class", "3"], "sub_class": ["--forget-class", "3"], "random": []}
+    for how in ("python", "argv"):
+        steps = {s: (runner.RunConfig(s, method="unsir", **f).resolve() if how == "python" else
+                     runner.RunConfig.from_argv(s, flags[s] + ["--method", "unsir"])).hp.unsir_noise_steps
+                 for s, (_, f) in SCENARIOS.items()}
+        assert steps == {"full_class": 25, "sub_class": 250, "random": 25}
 
 
 # --- every method --------------------------------------------------------------------------------

@@ -62,14 +62,15 @@ def test_the_verdict_suite_has_ten_requests_per_table_fixed_in_advance():
     runs = experiments.expand(args, experiments.select_tables(args))
     per_table = {}
     for r in runs:
-        request = tuple(r.argv[r.argv.index(flag) + 1] if flag in r.argv else None
-                        for flag in ("--seed", "--model-seed", "--forget-class"))
-        per_table.setdefault(r.table, set()).add(request)
+        per_table.setdefault(r.table, set()).add((r.config.seed, r.config.model_seed, r.config.forget_class))
     assert sorted(per_table) == ["pairs100_full_resnet", "pairs10_random_resnet", "pairs20_sub_resnet"]
     assert all(len(requests) == 20 for requests in per_table.values())  # 10 requests x seeds 1 and 2
-    random_runs = [r for r in runs if r.table == "pairs10_random_resnet" and "ssd" in r.argv]
-    assert {(r.argv[r.argv.index("--seed") + 1], r.argv[r.argv.index("--model-seed") + 1]) for r in random_runs} == \
-        {(str(s), str(m)) for s in range(1, 11) for m in (1, 2)}
+    random_runs = [r for r in runs if r.table == "pairs10_random_resnet" and r.config.method == "ssd"]
+    assert {(r.config.seed, r.config.model_seed) for r in random_runs} == {(s, m) for s in range(1, 11) for m in (1, 2)}
+    # the printed command holds the same split seed and original
+    argv = random_runs[0].config.to_argv()
+    assert argv[argv.index("--seed") + 1] == str(random_runs[0].config.seed)
+    assert argv[argv.index("--model-seed") + 1] == str(random_runs[0].config.model_seed)
     assert experiments.VERDICT_CLASSES == ["07", "18", "29", "30", "41", "52", "63", "74", "85", "96"]
 
 

@@ -18,9 +18,8 @@ import forget_full_class_main
 import methods
 import models
 import pretrain_model
-import runner
 from common import UserError
-from conftest import SSD_PARAMS, write_cifar
+from conftest import SSD_PARAMS, plan_argv, run_argv, write_cifar
 
 # Only the amount of work is cut; the noise batch and copies matter most for random forgetting, where
 # UNSIR makes one noise batch per forgotten target.
@@ -37,13 +36,13 @@ def pretrain(out, *argv):
 
 
 def forget(scenario, ckpt, data_dir, results, *extra, ssd_params=SSD_PARAMS):
-    """One runner.run; checks that exactly one results line was appended and returns it as saved."""
+    """One run, as the task script makes it; checks that exactly one results line was appended and returns it as saved."""
     before = len(results.read_text().splitlines()) if results.exists() else 0
     meta = json.loads((ckpt / "meta.json").read_text())
     argv = ["--net", meta["net"], "--dataset", meta["dataset"], "--weights", str(ckpt / "model.pt"),
             "--data-dir", str(data_dir), "--no-download", "--results", str(results), "--device", "cpu",
             "--wandb", "disabled", "--importance-cache", str(results.parent / "cache"), *SMALL, *extra]
-    record = runner.run(scenario, ssd_params, argv)
+    record = run_argv(scenario, argv, ssd_params)
     lines = results.read_text().splitlines()
     assert record is not None and len(lines) == before + 1
     saved = json.loads(lines[-1])
@@ -172,10 +171,10 @@ def test_forget_fraction_flag_reaches_the_split(small_cifar, tmp_path):
     argv = ["--net", "resnet18", "--dataset", "cifar10", "--weights", str(small_cifar["cifar10"] / "model.pt"),
             "--data-dir", str(small_cifar["root"]), "--no-download", "--results", str(tmp_path / "r.jsonl"),
             "--forget-fraction", "0.1"]
-    p = runner.plan("random", SSD_PARAMS, argv)
+    p = plan_argv("random", argv)
     n = len(p.data.train_idx)
     assert len(p.splits.forget_idx) == datasets.random_split_count(n, 0.1) > 0
-    assert p.config["forget_fraction"] == 0.1
+    assert p.record_config["forget_fraction"] == 0.1
 
 
 # --- the tiny ViT, end to end -------------------------------------------------------------------------

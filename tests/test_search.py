@@ -15,9 +15,8 @@ from torch import nn
 
 import datasets
 import methods
-import runner
 import ssd
-from conftest import SSD_PARAMS, method_args
+from conftest import method_args, run_argv
 
 
 N_FORGET, N_RETAIN, N_VAL, SIDE = 40, 40, 40, 8
@@ -231,7 +230,7 @@ def test_a_search_run_says_its_status_in_the_summary_line(tiny_checkpoint, tmp_p
     argv = ["--weights", str(tiny_checkpoint / "model.pt"), "--forget-class", "three", "--method", "ssd_search",
             "--device", "cpu", "--wandb", "disabled", "--results", str(tmp_path / "r.jsonl"),
             "--importance-cache", str(tmp_path / "cache")]
-    record = runner.run("full_class", SSD_PARAMS, argv)
+    record = run_argv("full_class", argv)
     info = record["method_info"]
     assert info["search_status"] in ("target_reached", "guard_hit", "target_unreachable")
     assert record["times"]["search_s"] <= record["times"]["method_s"]

@@ -16,16 +16,17 @@ import pytest
 import torch
 from PIL import Image
 
-import common
 import experiments
 import forget_full_class_main
 import forget_random_main
 import make_tables
 import methods
+import models
 import pretrain_model
 import results
-import runner
 import training
+from cli import run_cli
+from conftest import plan_argv, run_argv
 
 torch.set_num_threads(1)
 
@@ -45,13 +46,13 @@ def snapshot(*roots: Path) -> dict[str, bytes | None]:
 
 
 def cli(main) -> tuple[int, str, str]:
-    """Run an entry point as its script does (common.run_cli) and return (status, stdout, stderr)."""
+    """Run an entry point as its script does (cli.run_cli) and return (status, stdout, stderr)."""
     import io
     from contextlib import redirect_stderr, redirect_stdout
 
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err), pytest.raises(SystemExit) as e:
-        common.run_cli(main)
+        run_cli(main)
     return e.value.code, out.getvalue(), err.getvalue()
 
 
@@ -72,7 +73,7 @@ def nothing_expensive(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("expensive work started before the input was validated")
 
-    monkeypatch.setattr(runner, "load_model", refuse)
+    monkeypatch.setattr(models, "load_checkpoint", refuse)
     monkeypatch.setattr(training, "train_and_select", refuse)
 
 
@@ -91,7 +92,7 @@ def write_faces(root: Path, counts: dict[str, int], garbage: bool = False) -> Pa
 
 
 def _forget(scenario: str, argv: list[str]):
-    return lambda: runner.run(scenario, SCRIPT_PARAMS[scenario], argv) and None
+    return lambda: run_argv(scenario, argv, SCRIPT_PARAMS[scenario]) and None
 
 
 # --- the cases that used to end in a traceback ----------------------------------------------------
@@ -107,7 +108,7 @@ def _table_case(case: str, ckpt: Path, tmp: Path):
     if case == "device-tpu9":
         return _forget("full_class", forget_argv(ckpt, tmp, "--device", "tpu9")), r"unknown device 'tpu9'"
     if case == "batch-size-0":
-        return _forget("full_class", forget_argv(ckpt, tmp, "--batch-size", "0")), r"--batch-size/-b: 0 is out of range"
+        return _forget("full_class", forget_argv(ckpt, tmp, "--batch-size", "0")), r"--batch-size\): 0 is out of range"
     pretrain = ["--checkpoint-dir", str(tmp / "ckpt"), "--device", "cpu", "--data-dir", str(tmp / "data")]
     if case == "pretrain-epochs-0":
         return lambda: pretrain_model.main([*pretrain, "--epochs", "0"]) and None, r"--epochs: 0 is out of range"
@@ -196,18 +197,18 @@ def _held_lock(tmp: Path):
 
 
 OWN_CASES = {
-    "lambda-nan": (_forget_case("--lambda", "nan"), r"--lambda: nan is out of range", None),
-    "alpha-negative": (_forget_case("--alpha", "-1"), r"--alpha: -1 is out of range .*or inf", None),
+    "lambda-nan": (_forget_case("--lambda", "nan"), r"lam \(--lambda\): nan is out of range", None),
+    "alpha-negative": (_forget_case("--alpha", "-1"), r"--alpha\): -1.0 is out of range .*or inf", None),
     "device-cuda-x": (_forget_case("--device", "cuda:x"), r"unknown device 'cuda:x'", None),
     "device-missing-gpu": (_forget_case("--device", "cuda:7"), r"'cuda:7'", None),
-    "eval-batch-size-negative": (_forget_case("--eval-batch-size", "-5"), r"--eval-batch-size: -5 is out", None),
-    "finetune-lr-zero": (_forget_case("--method", "finetune", "--finetune-lr", "0"), r"--finetune-lr: 0 is out", None),
-    "bt-fraction-above-1": (_forget_case("--bt-retain-fraction", "1.5"), r"--bt-retain-fraction: 1.5", None),
-    "momentum-1": (_forget_case("--unsir-momentum", "1"), r"--unsir-momentum: 1 is out of range .*< 1", None),
+    "eval-batch-size-negative": (_forget_case("--eval-batch-size", "-5"), r"--eval-batch-size\): -5 is out", None),
+    "finetune-lr-zero": (_forget_case("--method", "finetune", "--finetune-lr", "0"), r"--finetune-lr\): 0.0 is out", None),
+    "bt-fraction-above-1": (_forget_case("--bt-retain-fraction", "1.5"), r"--bt-retain-fraction\): 1.5", None),
+    "momentum-1": (_forget_case("--unsir-momentum", "1"), r"--unsir-momentum\): 1.0 is out of range .*< 1", None),
     "seed-not-a-number": (_forget_case("--seed", "abc"), r"--seed/-seed: 'abc' is not an integer", None),
-    "forget-fraction-nan": (_forget_case("--forget-fraction", "nan", scenario="random"), r"--forget-fraction: nan",
+    "forget-fraction-nan": (_forget_case("--forget-fraction", "nan", scenario="random"), r"--forget-fraction\): nan",
                             None),
-    "unknown-method": (_forget_case("--method", "nope"), r"invalid choice: 'nope'", None),
+    "unknown-method": (_forget_case("--method", "nope"), r"method \(--method\): 'nope' is not one of", None),
     "unknown-flag": (_forget_case("--alhpa", "3"), r"unrecognized arguments: --alhpa 3", None),
     "results-parent-is-a-file": (_forget_case("--results", "TMP/afile/results.jsonl"), r"afile is a file",
                                  _file("afile")),
@@ -230,6 +231,17 @@ OWN_CASES = {
     "driver-methods": (_other_entry(experiments, "cpu", "--methods", "ssd sdd", "--results", "TMP/r.jsonl"),
                        r"unknown method sdd", None),
     "driver-devices": (_other_entry(experiments, "gpu0", "--results", "TMP/r.jsonl"), r"gpu0 is neither", None),
+    "driver-missing-gpu": (_other_entry(experiments, "0,7", "--results", "TMP/r.jsonl", "--logs", "TMP/logs"),
+                           r"GPU \d does not exist: this machine has \d+ GPU", None),
+    "driver-unknown-class": (_other_entry(experiments, "cpu", "--suite", "digits", "--classes", "seven eleven", "--results", "TMP/r.jsonl",
+                                          "--logs", "TMP/logs"), r"table digits_full_resnet .*unknown class 'eleven'",
+                             None),
+    "driver-class-printing": (_other_entry(experiments, "--print-commands", "--table", "cifar20_sub_resnet",
+                                           "--classes", "rocket vehicle2"), r"unknown sub-class 'vehicle2'", None),
+    "driver-extra-flag": (_other_entry(experiments, "cpu", "--extra", "--alhpa 3", "--results", "TMP/r.jsonl"),
+                          r"unrecognized arguments: --alhpa 3", None),
+    "driver-extra-value": (_other_entry(experiments, "cpu", "--extra", "--alpha -1", "--results", "TMP/r.jsonl"),
+                           r"table pairs100_full_resnet, ssd: alpha \(--alpha\): -1.0 is out of range", None),
     "tables-out-is-a-file": (_other_entry(make_tables, "--results", "TMP/r.jsonl", "--out", "TMP/afile"),
                              r"--out: cannot use .*afile as a folder", _file("afile")),
     "tables-std-floor": (_other_entry(make_tables, "--std-floor", "-1"), r"--std-floor: -1 is out", None),
@@ -252,7 +264,7 @@ def test_bad_input_fails_before_any_work(case, tiny_checkpoint, tmp_path, nothin
 
 
 @pytest.mark.parametrize("args, match", [
-    (["forget_full_class_main.py", "--batch-size", "0", "--forget-class", "three"], r"--batch-size/-b: 0 is out"),
+    (["forget_full_class_main.py", "--batch-size", "0", "--forget-class", "three"], r"--batch-size\): 0 is out"),
     (["pretrain_model.py", "--epochs", "0"], r"--epochs: 0 is out of range"),
     (["forget_random_main.py", "--device", "tpu9"], r"unknown device 'tpu9'"),
 ], ids=["forget", "pretrain", "device"])
@@ -308,7 +320,7 @@ def test_a_result_that_cannot_be_appended_goes_to_a_fallback_file(how, tiny_chec
     path.parent.mkdir()
     path.write_text('{"key": "earlier", "metrics": {}}\n')
     argv = forget_argv(tiny_checkpoint, tmp_path, "--method", "baseline", "--results", str(path))
-    key = runner.plan("full_class", SCRIPT_PARAMS["full_class"], argv).key
+    key = plan_argv("full_class", argv, SCRIPT_PARAMS["full_class"]).key
     _breaks_results_after_the_method(monkeypatch, how, path)
 
     status, out, err = cli(_forget("full_class", argv))
@@ -330,7 +342,7 @@ def test_a_result_that_cannot_be_appended_goes_to_a_fallback_file(how, tiny_chec
     with open(path, "ab") as f:
         f.write(fallback.read_bytes())
     assert [r["key"] for r in results.read(path)] == ["earlier", key]
-    assert runner.run("full_class", SCRIPT_PARAMS["full_class"], argv) is None  # and it counts as done
+    assert run_argv("full_class", argv, SCRIPT_PARAMS["full_class"])["key"] == key  # and it counts as done
 
 
 def test_a_record_with_nowhere_to_go_is_printed(tiny_checkpoint, tmp_path, monkeypatch):

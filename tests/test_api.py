@@ -1,0 +1,138 @@
+"""The Python API: a RunConfig built in Python is the same run as the task script's command line.
+
+execute(RunConfig(...)) in this process and `python <script> <config.to_argv()>` in another must write
+the same record (metrics, method info, key and config), for every scenario; from_argv and to_argv
+are inverses; a value given in Python is checked as strictly as a flag.
+"""
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import cli
+import forget_full_class_main
+import forget_random_main
+import forget_sub_class_main
+import methods
+import results
+import runner
+from common import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT_PARAMS = {"full_class": forget_full_class_main.SSD_PARAMS, "sub_class": forget_sub_class_main.SSD_PARAMS,
+                 "random": forget_random_main.SSD_PARAMS}
+CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+
+
+def requests(tiny: Path, digits5: Path) -> dict:
+    """One request per scenario, each with a non-default hyperparameter and a non-default run field."""
+    return {
+        "full_class": dict(method="ssd", hp=methods.SSDParams(alpha=5.0), forget_class="three", weights=tiny),
+        "sub_class": dict(method="retrain", hp=methods.RetrainParams(retrain_epochs=1), dataset="digits5",
+                          forget_class="one", weights=digits5, eval_batch_size=100),
+        "random": dict(method="assd", hp=methods.AssdParams(importance_order="shuffled"), forget_fraction=0.02,
+                       weights=tiny, model_seed=0),
+    }
+
+
+@pytest.mark.parametrize("scenario", ["full_class", "sub_class", "random"])
+def test_execute_in_process_and_the_script_with_to_argv_write_the_same_record(scenario, tiny_checkpoint,
+                                                                            digits5_checkpoint, tmp_path):
+    fields = requests(tiny_checkpoint / "model.pt", digits5_checkpoint / "model.pt")[scenario]
+    config = runner.RunConfig(scenario, seed=2, device="cpu", wandb="disabled", results=str(tmp_path / "r.jsonl"),
+                              importance_cache=str(tmp_path / "cache"), **{**fields, "weights": str(fields["weights"])})
+    in_process = runner.execute(config)
+    (tmp_path / "r.jsonl").unlink()
+    shutil.rmtree(tmp_path / "cache", ignore_errors=True)  # the script must compute I_D again, not read it
+
+    argv = config.to_argv()
+    out = subprocess.run([sys.executable, runner.SCRIPTS[scenario], *argv], cwd=ROOT, env=CHILD_ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (by_script,) = results.read(tmp_path / "r.jsonl")
+    assert by_script["key"] == in_process["key"]
+    assert by_script["metrics"] == in_process["metrics"] and by_script["method_info"] == in_process["method_info"]
+    assert by_script["config"] == json.loads(json.dumps(in_process["config"]))
+    assert in_process["metrics"]["df"] is not None and in_process["times"]["method_s"] > 0
+    # the command line is short: the defaults stay out of it, the non-defaults and the run's name are in
+    assert "--eval-batch-size" not in argv or scenario == "sub_class"
+    assert argv[:2] == ["--net", "resnet18"] and "--method" in argv and "--seed" in argv and "--device" in argv
+
+
+def test_from_argv_inverts_to_argv():
+    config = runner.RunConfig("random", method="finetune", hp=methods.FinetuneParams(finetune_lr=0.05), seed=7,
+                              forget_count=30, batch_size=32, amp=True, importance_cache="", separate_records=True,
+                              results="x/r.jsonl", wandb="offline", wandb_project="p", device="cpu")
+    argv = config.to_argv()
+    assert "--no-importance-cache" not in argv and argv[argv.index("--importance-cache") + 1] == ""
+    assert runner.RunConfig.from_argv("random", argv, SCRIPT_PARAMS["random"]) == config.resolve()
+    alpha_inf = runner.RunConfig("full_class", forget_class="3", hp=methods.SSDParams(alpha=float("inf")))
+    assert runner.RunConfig.from_argv("full_class", alpha_inf.to_argv()) == alpha_inf.resolve()
+    with pytest.raises(UserError, match="forget_class has no flag"):
+        runner.RunConfig("random", forget_class="three").to_argv()
+
+
+@pytest.mark.parametrize("scenario", ["full_class", "sub_class", "random"])
+def test_python_and_the_command_line_have_the_same_defaults(scenario):
+    required = {} if scenario == "random" else {"forget_class": "three"}
+    flags = [] if scenario == "random" else ["--forget-class", "three"]
+    for method in methods.REGISTRY:
+        from_python = runner.RunConfig(scenario, method=method, **required).resolve(SCRIPT_PARAMS[scenario])
+        assert runner.RunConfig.from_argv(scenario, flags + ["--method", method], SCRIPT_PARAMS[scenario]) == from_python
+    # and the defaults the scripts share with the other entry points are the same values
+    defaults = runner.parser_defaults(scenario)
+    for name, (_, flag) in cli.SHARED_FLAGS.items():
+        if name in defaults and name not in ("dataset",):
+            assert defaults[name] == flag.get("default", False), name
+
+
+def test_a_value_given_in_python_is_checked_like_a_flag():
+    cases = {"seed (--seed): -1 is out of range": dict(seed=-1),
+             r"batch_size \(--batch-size\): '64' is not an integer": dict(batch_size="64"),
+             "alpha (--alpha): -1.0 is out of range": dict(hp=methods.SSDParams(alpha=-1.0)),
+             "importance_order (--importance-order): 'random' is not one of paper, shuffled":
+                 dict(hp=methods.SSDParams(importance_order="random")),
+             "hp is a FinetuneParams, but ssd takes methods.SSDParams": dict(hp=methods.FinetuneParams()),
+             "method (--method): 'sdd' is not one of": dict(method="sdd"),
+             "unknown device 'gpu'": dict(device="gpu"),
+             r"amp \(--amp\): 1 is not True or False": dict(amp=1),
+             "forgetting takes forget_class, not forget_count": dict(forget_count=5)}
+    for message, fields in cases.items():
+        with pytest.raises(UserError, match=re.escape(message) if "\\" not in message else message):
+            runner.RunConfig("full_class", forget_class="three", **fields).resolve()
+    with pytest.raises(UserError, match="full_class forgetting needs forget_class"):
+        runner.RunConfig("full_class").resolve()
+    with pytest.raises(UserError, match="exclude each other"):
+        runner.RunConfig("random", forget_count=5, forget_fraction=0.1).resolve()
+    resolved = runner.RunConfig("full_class", forget_class=3, hp=methods.SSDParams(alpha=5)).resolve()
+    assert resolved.forget_class == "3" and resolved.hp.alpha == 5.0 and isinstance(resolved.hp.alpha, float)
+
+
+def test_an_int_alpha_in_python_is_the_same_run_as_the_flag(tiny_checkpoint, tmp_path):
+    common = dict(forget_class="three", weights=str(tiny_checkpoint / "model.pt"), results=str(tmp_path / "r.jsonl"))
+    python = runner.plan(runner.RunConfig("full_class", hp=methods.SSDParams(alpha=5), **common))
+    flags = runner.plan(runner.RunConfig.from_argv("full_class", ["--alpha", "5", "--forget-class", "three",
+                                                                  "--weights", common["weights"]]))
+    assert python.key == flags.key
+
+
+def test_the_readme_python_snippet_runs(tiny_checkpoint, tmp_path, monkeypatch):
+    text = (ROOT / "README.md").read_text()
+    snippet = re.search(r"```python\n(from runner import RunConfig, execute\n.*?)```", text, re.S).group(1)
+    ckpt = tmp_path / "runs" / "pretrain" / "resnet18-digits-seed1"
+    shutil.copytree(tiny_checkpoint, ckpt)  # the checkpoint the snippet's seed looks up
+    meta = json.loads((ckpt / "meta.json").read_text())
+    (ckpt / "meta.json").write_text(json.dumps({**meta, "seed": 1}))
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(snippet, "README.md", "exec"), scope)
+    record = scope["record"]
+    assert record["config"]["method"] == "ssd" and record["config"]["alpha"] == 5.0
+    assert results.read(tmp_path / "runs" / "results.jsonl")[0]["key"] == record["key"]
+    assert dataclasses.is_dataclass(scope["config"])
