@@ -72,7 +72,10 @@ def evaluate(model: nn.Module, splits: Splits, device: torch.device, random_mode
                                                                                            counterpart)]
     # a model whose outputs hold NaN (a collapsed one) has no loss order; its other metrics still count
     m["loss_auc"] = None if any(np.isnan(x).any() for x in losses) else privacy_stats.loss_auc(*losses)
-    if per_example is not None:
+    if per_example is not None:  # aligned by index: the same request gives the same order on every model
+        per_example["forget_idx"] = splits.forget_idx
+        per_example["counterpart_idx"] = splits.forget_test_idx if splits.df_split == "forget_test" else \
+            np.concatenate([splits.forget_test_idx, splits.retain_test_idx])
         per_example["phi_forget"] = privacy_stats.phi(*out["forget_train"]).astype(np.float32)
         per_example["phi_counterpart"] = privacy_stats.phi(*counterpart).astype(np.float32)
     if random_model is not None:
@@ -90,17 +93,21 @@ def outcome(df: float, retain: float, original_retain: float, original_df: float
             reference_df: float | None = None) -> str:
     """What one forget request did, from its Df and retain-test accuracy (in %) and the original's.
 
-    Class scenarios: collapse = retain-test < 50; untouched = Df >= 90; clean = Df <= 10 and
-    retain-test within 5 points of the original; partial = anything else. Random forgetting passes
+    collapse = retain-test < 50 comes first. Without `reference_df` (full class, where a model that
+    never saw the class scores 0 on it): untouched = Df >= 90; clean = Df <= 10 and retain-test within
+    5 points of the original; partial = anything else. Random and sub-class forgetting pass
     `reference_df`, what a model that never saw D_f scores on it (retrain's Df, or the original's
-    validation accuracy): untouched = Df not below the original's Df; clean = Df within 5 points of
-    the reference and retain-test within 5 points of the original."""
+    validation accuracy), which may be high: a forgotten pair class whose superclass follows from its
+    digits is still classified by a retrained model. Then clean = Df within 5 points of the reference
+    and retain-test within 5 points of the original (a method that changes nothing is clean when the
+    reference did not move either: accuracy cannot tell it apart, a membership test may); untouched
+    = otherwise, Df not below the original's; partial = the rest."""
     if retain < 50:
         return "collapse"
     if reference_df is None:
         if df >= 90:
             return "untouched"
         return "clean" if df <= 10 and retain >= original_retain - 5 else "partial"
-    if df >= original_df:
-        return "untouched"
-    return "clean" if abs(df - reference_df) <= 5 and retain >= original_retain - 5 else "partial"
+    if abs(df - reference_df) <= 5 and retain >= original_retain - 5:
+        return "clean"
+    return "untouched" if df >= original_df else "partial"

@@ -45,6 +45,36 @@ def record_dir(path: str | Path) -> Path:
     return Path(str(path) + ".d")
 
 
+def examples_path(path: str | Path, key: str) -> Path:
+    """The per-example side file of run `key` beside the results file `path` (metrics.evaluate's
+    per_example arrays: phi and indices of the forget set and its unseen counterpart)."""
+    return Path(str(path) + ".examples") / f"{key}.npz"
+
+
+def save_examples(path: str | Path, key: str, arrays: dict) -> Path:
+    """Write the run's per-example arrays atomically (float32 phi, int indices; a few KiB)."""
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    out = examples_path(path, key)
+    atomic_write_bytes(out, buf.getvalue())
+    return out
+
+
+def load_examples(path: str | Path, key: str) -> dict | None:
+    """The run's per-example arrays, or None when it has no side file."""
+    import numpy as np
+
+    file = examples_path(path, key)
+    if not file.is_file():
+        return None
+    with np.load(file) as z:
+        return {k: z[k] for k in z.files}
+
+
 def read(path: str | Path) -> list[dict]:
     """All records: the file's lines, then the record files in record_dir(path) by name. A damaged line
     or file is skipped with a warning, the rest is kept."""

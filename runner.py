@@ -382,7 +382,8 @@ def _run(p: Plan, cache: Cache | None) -> dict:
 
         t0 = time.perf_counter()
         random_model = models.initial(meta["model_spec"], pretrained=False, seed=c.seed + 2).to(device)
-        m = metrics.evaluate(model, splits, device, random_model, c.eval_batch_size, c.amp)
+        per_example = {}
+        m = metrics.evaluate(model, splits, device, random_model, c.eval_batch_size, c.amp, per_example)
         eval_s = time.perf_counter() - t0
 
     times = {"method_s": method_s, "eval_s": eval_s, **{k: v for k, v in info.items() if k.endswith("_s")}}
@@ -393,7 +394,16 @@ def _run(p: Plan, cache: Cache | None) -> dict:
               "git": git_commit(), "versions": library_versions(), "started": started,
               "host": socket.gethostname(),
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    lost = None
+    try:  # before the record, so that a recorded run has its side file; losing it costs only that file
+        record["examples"] = results.examples_path(c.results, p.key).name
+        results.save_examples(c.results, p.key, per_example)
+    except Exception as e:
+        record["examples"], lost = None, f"{type(e).__name__}: {e}"
     _record(record, c)
+    if lost:  # said once the record is safe, so that a failing record still ends in one error line
+        print(f"warning: the per-example file could not be written ({lost}); the run is recorded without it",
+              file=sys.stderr)
     dampened = f"  dampened {100 * info['dampened_fraction']:.3f}%" if "dampened_fraction" in info else ""
     if "search_status" in info:  # ssd_search says whether it reached its target
         dampened += f"  {info['search_status']} ({info['search_steps']} steps)"

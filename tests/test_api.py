@@ -48,7 +48,9 @@ def test_execute_in_process_and_the_script_with_to_argv_write_the_same_record(sc
     config = runner.RunConfig(scenario, seed=2, device="cpu", wandb="disabled", results=str(tmp_path / "r.jsonl"),
                               importance_cache=str(tmp_path / "cache"), **{**fields, "weights": str(fields["weights"])})
     in_process = runner.execute(config)
+    examples = results.load_examples(tmp_path / "r.jsonl", in_process["key"])
     (tmp_path / "r.jsonl").unlink()
+    shutil.rmtree(tmp_path / "r.jsonl.examples")
     shutil.rmtree(tmp_path / "cache", ignore_errors=True)  # the script must compute I_D again, not read it
 
     argv = config.to_argv()
@@ -59,6 +61,15 @@ def test_execute_in_process_and_the_script_with_to_argv_write_the_same_record(sc
     assert by_script["key"] == in_process["key"]
     assert by_script["metrics"] == in_process["metrics"] and by_script["method_info"] == in_process["method_info"]
     assert by_script["config"] == json.loads(json.dumps(in_process["config"]))
+    # the per-example side file: phi of the forget set and of its unseen counterpart, the same either way
+    assert in_process["examples"] == by_script["examples"] == f"{in_process['key']}.npz"
+    again = results.load_examples(tmp_path / "r.jsonl", by_script["key"])
+    assert sorted(examples) == ["counterpart_idx", "forget_idx", "phi_counterpart", "phi_forget"]
+    assert all((examples[k] == again[k]).all() for k in examples)
+    m = in_process["metrics"]
+    assert examples["phi_forget"].shape == examples["forget_idx"].shape == (m["n_forget_train"],)
+    counterpart = m["n_forget_test"] if scenario != "random" else m["n_forget_test"] + m["n_retain_test"]
+    assert examples["phi_counterpart"].shape == (counterpart,) and 0.0 <= m["loss_auc"] <= 1.0
     assert in_process["metrics"]["df"] is not None and in_process["times"]["method_s"] > 0
     # the command line is short: the defaults stay out of it, the non-defaults and the run's name are in
     assert "--eval-batch-size" not in argv or scenario == "sub_class"
