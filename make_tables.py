@@ -259,6 +259,7 @@ class Verdict:
     cells: int
     df_gap: float | None  # mean |Df - Df(retrain)|
     mia_gap: float | None  # mean |MIA - MIA(retrain)|
+    loss_auc_gap: float | None  # mean |loss AUC - loss AUC(retrain)|
     retain_drop: float | None  # mean retain-test accuracy of the original (baseline) minus the method's
     counts: dict[str, int]  # metrics.OUTCOMES -> cells
     method_s: float | None
@@ -307,7 +308,7 @@ def build_verdicts(tables: dict[str, Table], records: list[dict]) -> dict[str, l
             for r, _, _ in group:
                 if (r.get("method_info") or {}).get("search_status"):
                     statuses[r["method_info"]["search_status"]] += 1
-            rows.append(Verdict(method, len(group), gap("df"), gap("mia"),
+            rows.append(Verdict(method, len(group), gap("df"), gap("mia"), gap("loss_auc"),
                                 mean(orig["retain_test_acc"] - r["metrics"]["retain_test_acc"]
                                      if _known(orig.get("retain_test_acc"), r["metrics"].get("retain_test_acc"))
                                      else None for r, _, orig in group),
@@ -330,15 +331,18 @@ def verdict_markdown(verdicts: dict[str, list[Verdict]], tables: dict[str, Table
         reference = "Df within 5 of retrain's" if judged else "Df <= 10"
         mia = "\\|MIA - retrain\\|" + (NO_POWER if t.mia_uninformative else "")
         lines = [f"### Verdict against retrain: {name} ({t.net} on {t.dataset}, {t.scenario})", "",
-                 f"| Method | Cells | \\|Df - retrain\\| | {mia} | Retain-test drop | Clean | Collapse | "
-                 "Untouched | Partial | Time (s) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                 f"| Method | Cells | \\|Df - retrain\\| | {mia} | \\|loss AUC - retrain\\| | Retain-test drop | Clean | "
+                 "Collapse | Untouched | Partial | Time (s) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         f = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+        f3 = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
         for v in rows:
-            lines.append(f"| {v.method} | {v.cells} | {f(v.df_gap)} | {f(v.mia_gap)} | {f(v.retain_drop)} | "
+            lines.append(f"| {v.method} | {v.cells} | {f(v.df_gap)} | {f(v.mia_gap)} | {f3(v.loss_auc_gap)} | "
+                         f"{f(v.retain_drop)} | "
                          f"{v.counts['clean']} | {v.counts['collapse']} | {v.counts['untouched']} | "
                          f"{v.counts['partial']} | {f(v.method_s)} |")
         lines += ["", "- a cell is one forget request (class or random split) on one original, with baseline and "
-                      "retrain; gaps and the drop are means "
+                      "retrain; loss AUC: forget-train against its unseen counterpart, lower loss = member "
+                      "(0.5: D_f looks unseen); gaps and the drop are means "
                       "over cells, in points; retain-test drop = original (baseline) minus the method.",
                   f"- clean: {reference} and retain-test within 5 points of the original; collapse: retain-test "
                   f"< 50; untouched: " + ("otherwise Df not below the original's" if judged else "Df >= 90")

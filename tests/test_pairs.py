@@ -74,11 +74,14 @@ def test_the_verdict_suite_has_ten_requests_per_table_fixed_in_advance():
     assert experiments.VERDICT_CLASSES == ["07", "18", "29", "30", "41", "52", "63", "74", "85", "96"]
 
 
+LOSS_AUC = {"baseline": 0.9, "retrain": 0.5, "ssd": 0.55}
+
+
 def _record(method, df, mia_auc, seed=1, model_seed=1, max_ratio=None):
     info = {} if max_ratio is None else {"max_ratio": max_ratio}
     return {"key": f"{method}-{seed}-{model_seed}", "config": {"dataset": "pairs100", "scenario": "full_class",
             "net": "resnet18", "method": method, "forget_class": "07", "seed": seed, "model_seed": model_seed},
-            "metrics": {"df": df, "retain_test_acc": 95.0, "test_acc": 95.0, "mia": 50.0, "mia_attack_auc": mia_auc,
+            "metrics": {"df": df, "retain_test_acc": 95.0, "test_acc": 95.0, "mia": 50.0, "mia_attack_auc": mia_auc, "loss_auc": LOSS_AUC[method],
                         "n_forget_train": 36, "n_retain_train": 3564},
             "times": {"method_s": 1.0}, "method_info": info}
 
@@ -90,9 +93,12 @@ def test_the_footer_gives_the_ratio_and_marks_a_powerless_mia():
     assert "forget ratio |D|/|D_f| 100.0" in text and "ssd measured (median) 97" in text
     assert "the paper's cifar100 full_class table: 100" in text
     assert "| MIA† |" in text.replace("  ", " ").replace("  ", " ") and "uninformative" in text
-    verdict = make_tables.verdict_markdown(make_tables.build_verdicts({"pairs100_full_resnet": table}, weak),
-                                           {"pairs100_full_resnet": table})
+    verdicts = make_tables.build_verdicts({"pairs100_full_resnet": table}, weak)
+    verdict = make_tables.verdict_markdown(verdicts, {"pairs100_full_resnet": table})
     assert "\\|MIA - retrain\\|†" in verdict and "uninformative" in verdict
+    # the loss AUC's gap to retrain, per cell: |0.9 - 0.5| for the original, |0.55 - 0.5| for ssd
+    gaps = {v.method: v.loss_auc_gap for v in verdicts["pairs100_full_resnet"]}
+    assert gaps == pytest.approx({"baseline": 0.4, "retrain": 0.0, "ssd": 0.05})
     strong = [_record("baseline", 100.0, 0.81), _record("retrain", 0.0, 0.74), _record("ssd", 0.0, 0.70, max_ratio=97.0)]
     table = make_tables.build_tables(strong)["pairs100_full_resnet"]
     text = make_tables.to_markdown({"pairs100_full_resnet": table})

@@ -217,10 +217,11 @@ def test_verdict_against_retrain_on_known_numbers(results_file):
     assert set(rows) == {"baseline", "retrain", "finetune", "ssd", "my_method"}
     ssd = rows["ssd"]
     assert ssd.cells == 1 and ssd.df_gap == 0 and ssd.mia_gap == pytest.approx(20) and ssd.retain_drop == 0.5
+    assert ssd.loss_auc_gap is None
     assert ssd.counts == {"clean": 1, "collapse": 0, "untouched": 0, "partial": 0} and ssd.method_s == 4.0
     assert rows["baseline"].counts["untouched"] == 1 and rows["baseline"].df_gap == 100
     assert rows["finetune"].counts["clean"] == 1 and rows["finetune"].retain_drop == pytest.approx(3.5)
     assert rows["my_method"].counts["partial"] == 1 and rows["my_method"].mia_gap is None  # Dr 55 < 61.5 - 5
     assert "cifar20_sub_vit" not in verdicts  # no baseline there: nothing to compare with
     text = make_tables.verdict_markdown(verdicts, tables)
-    assert "| ssd | 1 | 0.00 | 20.00 | 0.50 | 1 | 0 | 0 | 0 | 4.00 |" in text
+    assert "| ssd | 1 | 0.00 | 20.00 | n/a | 0.50 | 1 | 0 | 0 | 0 | 4.00 |" in text  # these records have no loss AUC

@@ -1,0 +1,200 @@
+"""Many-model privacy of one forget request: the NeurIPS 2023 unlearning competition's forgetting
+quality F and score, U-LiRA, and the per-run loss AUC, over N originals and N retrains.
+
+    python privacy.py --table pairs100_full_resnet --classes 07 --n-models 16 --out runs/privacy.json
+    python privacy.py --table pairs100_full_resnet --classes 07 --n-models 16 --first-seed 17
+
+For one forget request (a table and a forget class) and N = --n-models, with seeds s = F..F+N-1
+(F = --first-seed):
+- originals: pretraining seed s, shared by every request and method;
+- each method unlearns each original once (run seed s): SSD is deterministic given its original, so
+  N unlearned models need N originals;
+- reference retrains: `retrain` with run seed s, shared by every method of the request;
+- the method `retrain` runs with seeds s + 10,000, and the ceiling retrains with s + 20,000, so that
+  neither is compared with itself. The ceiling is F of those retrains against the reference ones at
+  the same N: what a perfect unlearner scores here (well below 1 at small N). F / ceiling is the
+  number to read first; U-LiRA's AUC (0.5: the attack cannot tell the method's models from retrained
+  ones) second.
+Runs already in --results are reused (same keys, same resume rules); missing checkpoints and runs
+go through the driver's workers (experiments.py). The statistics come from the per-example side
+files the runs wrote (results.examples_path), so nothing is re-run to compute them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import replace
+
+import experiments
+import privacy_stats
+import results
+import runner
+import worker
+from cli import ArgumentParser, run_cli
+from common import UserError, atomic_write_json
+
+PRIVACY_METHODS = ["baseline", "retrain", "ssd", "assd", "ssd_search", "finetune", "amnesiac"]
+METHOD_RETRAIN_OFFSET = 10_000  # the method `retrain`: other seeds than the reference retrains
+CEILING_OFFSET = 20_000  # the retrains that measure the ceiling
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("devices", nargs="?", default="cpu", help="'cpu', a GPU id, or a comma list, as experiments.py")
+    p.add_argument("--table", default="pairs100_full_resnet",
+                   help="a full-class or sub-class table of experiments.py (default: %(default)s)")
+    p.add_argument("--classes", default=None, help="forget classes, one request each (default: the table's)")
+    p.add_argument("--methods", default=" ".join(PRIVACY_METHODS), help="methods (default: %(default)s)")
+    p.add_argument("--n-models", type=int, default=16, help="N: originals, reference retrains and unlearned models "
+                                                             "per method (default: %(default)s)")
+    p.add_argument("--first-seed", type=int, default=1, help="seeds are first..first+N-1 (default: %(default)s)")
+    p.add_argument("--results", default="runs/privacy.jsonl", help="results file (default: %(default)s)")
+    p.add_argument("--checkpoint-dir", default="runs/pretrain", help="checkpoint folder (default: %(default)s)")
+    p.add_argument("--data-dir", default="data", help="dataset root (default: %(default)s)")
+    p.add_argument("--logs", default="runs/logs", help="one log file per run (default: %(default)s)")
+    p.add_argument("--out", default=None, metavar="FILE", help="write the numbers as JSON to FILE")
+    args = p.parse_args(argv)
+    if args.n_models < 3:
+        raise UserError(f"--n-models {args.n_models} is too few: the competition's score needs at least 3 models "
+                        f"per side (pass --n-models 3 or more; 16 is the default)")
+    if args.first_seed < 0:
+        raise UserError(f"--first-seed {args.first_seed} is negative (pass 0 or more)")
+    table = experiments.TABLES.get(args.table)
+    if table is None:
+        raise UserError(f"unknown table {args.table} (choose from {', '.join(experiments.TABLES)})")
+    if table.scenario == "random":
+        raise UserError(f"privacy.py needs a class table, not {args.table}: a random forget set is drawn from the "
+                        f"run seed, which differs between the N models (pass a _full_ or _sub_ table)")
+    return args
+
+
+def plan_runs(args) -> tuple[argparse.Namespace, dict, list[tuple[str, str, int, experiments.Run]]]:
+    """The driver's arguments, the table, and every run as (forget class, role, seed, Run); role is the
+    method's name, "reference" or "ceiling"."""
+    seeds = list(range(args.first_seed, args.first_seed + args.n_models))
+    methods = [m for m in args.methods.replace(",", " ").split() if m != "retrain"]
+    driver = experiments.parse_args([args.devices, "--table", args.table, "--seeds", " ".join(map(str, seeds)),
+                                     "--methods", " ".join(["retrain", *methods]), "--results", args.results,
+                                     "--checkpoint-dir", args.checkpoint_dir, "--data-dir", args.data_dir,
+                                     "--logs", args.logs, "--no-tables",
+                                     *(["--classes", args.classes] if args.classes else [])])
+    tables = experiments.select_tables(driver)
+    planned = []
+    for run in experiments.expand(driver, tables):
+        c, s = run.config, run.config.seed
+        if c.method != "retrain":
+            planned.append((c.forget_class, c.method, s, run))
+            continue
+        planned.append((c.forget_class, "reference", s, run))
+        for role, offset in (("retrain", METHOD_RETRAIN_OFFSET), ("ceiling", CEILING_OFFSET)):
+            if role == "retrain" and "retrain" not in args.methods.split():
+                continue
+            config = replace(c, seed=s + offset, model_seed=s)
+            planned.append((c.forget_class, role, s, experiments.Run(run.table, config,
+                                                                     f"{run.label} ({role}, seed {s + offset})")))
+    return driver, tables, planned
+
+
+def stack(records: list[dict], path: str) -> tuple:
+    """phi of every forget example for each record's model, as an (N, n) list of rows, plus the
+    models' retain-test and test accuracies and loss AUCs."""
+    rows, order = [], None
+    for r in records:
+        ex = results.load_examples(path, r["key"])
+        if ex is None:
+            raise UserError(f"run {r['key']} has no per-example file beside {path} (it was recorded before "
+                            f"they existed: rerun it with --force)")
+        if order is None:
+            order = ex["forget_idx"]
+        elif not (ex["forget_idx"] == order).all():
+            raise UserError("the forget sets of the N models differ (the request must name the same samples)")
+        rows.append(ex["phi_forget"])
+    metric = lambda name: [r["metrics"][name] for r in records]  # noqa: E731
+    return rows, metric("retain_test_acc"), metric("test_acc"), metric("loss_auc")
+
+
+def request_stats(by_role: dict[str, list[dict]], path: str) -> dict:
+    """Per method: F, its ceiling and their ratio, the final score, U-LiRA and the loss AUC."""
+    import numpy as np
+
+    ref_phi, ref_retain, ref_test, ref_loss = stack(by_role["reference"], path)
+    ceiling = privacy_stats.ceiling(np.array(stack(by_role["ceiling"], path)[0]), np.array(ref_phi))
+    out = {}
+    for role, records in by_role.items():
+        if role in ("reference", "ceiling"):
+            continue
+        phi, retain, test, losses = stack(records, path)
+        f, _ = privacy_stats.forgetting_quality(np.array(phi), np.array(ref_phi))
+        attack = privacy_stats.ulira(np.array(phi), np.array(ref_phi))
+        known = [v for v in losses if v is not None]
+        out[role] = {"forgetting_quality": f, "ceiling": ceiling, "f_over_ceiling": f / ceiling if ceiling else None,
+                     "final_score": privacy_stats.final_score(f, retain, ref_retain, test, ref_test),
+                     "ulira_auc": attack["auc"], "ulira_balanced_accuracy": attack["balanced_accuracy"],
+                     "ulira_tpr_at_1pct_fpr": attack["tpr_at_1pct_fpr"],
+                     "loss_auc_mean": statistics.fmean(known) if known else None,
+                     "loss_auc_sd": statistics.stdev(known) if len(known) > 1 else None,
+                     "retain_test_acc_mean": statistics.fmean(retain), "test_acc_mean": statistics.fmean(test)}
+    known = [v for v in ref_loss if v is not None]
+    out["reference retrain"] = {"loss_auc_mean": statistics.fmean(known) if known else None,
+                                "loss_auc_sd": statistics.stdev(known) if len(known) > 1 else None,
+                                "retain_test_acc_mean": statistics.fmean(ref_retain),
+                                "test_acc_mean": statistics.fmean(ref_test)}
+    return out
+
+
+def show(request: dict) -> str:
+    f = lambda v, spec=".3f": "n/a" if v is None else format(v, spec)  # noqa: E731
+    lines = [f"### {request['table']}, forget {request['forget']}, N = {request['n_models']} "
+             f"(seeds {request['seeds'][0]}..{request['seeds'][-1]})", "",
+             "| Method | F | F / ceiling | Final score | U-LiRA AUC | U-LiRA bal. acc. | TPR @ 1% FPR | loss AUC "
+             "(mean ± sd) | Retain-test | Test |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, m in request["methods"].items():
+        loss = f"{f(m['loss_auc_mean'])} ± {f(m['loss_auc_sd'])}"
+        lines.append(f"| {name} | {f(m.get('forgetting_quality'))} | {f(m.get('f_over_ceiling'), '.2f')} | "
+                     f"{f(m.get('final_score'))} | {f(m.get('ulira_auc'))} | {f(m.get('ulira_balanced_accuracy'))} | "
+                     f"{f(m.get('ulira_tpr_at_1pct_fpr'))} | {loss} | {f(m['retain_test_acc_mean'], '.2f')} | "
+                     f"{f(m['test_acc_mean'], '.2f')} |")
+    ceiling = next((m["ceiling"] for m in request["methods"].values() if "ceiling" in m), None)
+    lines += ["", f"- ceiling: F of {request['n_models']} retrains (seeds + {CEILING_OFFSET:,}) against the "
+                  f"{request['n_models']} reference retrains: {f(ceiling)}; the method `retrain` uses seeds + "
+                  f"{METHOD_RETRAIN_OFFSET:,}."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t0 = time.time()
+    driver, tables, planned = plan_runs(args)
+    failures = worker.run_local(driver, list(experiments.pretrain_commands(driver, tables).items()))
+    runs = [run for *_, run in planned]
+    left = experiments.todo(driver, runs)  # sets every run's key
+    print(f"privacy: {len(runs)} runs, {len(runs) - len(left)} already done, {len(left)} to run")
+    failures += worker.run_local(driver, [(r.label, r.config) for r in left])
+    if failures:
+        for label, _, why in failures:
+            print(f"FAILED ({why}): {label}")
+        raise UserError(f"{len(failures)} runs failed; the statistics need all of them (see {args.logs}, then rerun "
+                        f"the same command: finished runs are kept)")
+    recorded = {r["key"]: r for r in results.read(args.results)}
+    requests = []
+    for cls in dict.fromkeys(c for c, *_ in planned):
+        by_role: dict[str, list[dict]] = {}
+        for c, role, _, run in planned:
+            if c == cls:
+                by_role.setdefault(role, []).append(recorded[run.key])
+        seeds = sorted({s for c, _, s, _ in planned if c == cls})
+        requests.append({"table": args.table, "forget": cls, "n_models": args.n_models, "seeds": seeds,
+                         "methods": request_stats(by_role, args.results)})
+        print("\n" + show(requests[-1]))
+    elapsed = time.time() - t0
+    print(f"\nprivacy finished in {elapsed:.0f}s")
+    if args.out:
+        atomic_write_json(args.out, {"requests": requests, "seconds": elapsed})
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
