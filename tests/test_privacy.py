@@ -27,7 +27,9 @@ def test_many_models_find_the_original_out_and_reuse_every_run(tmp_path, monkeyp
     # the originals trained on the class and the retrains never saw it: their phi never overlap, so every
     # example's epsilon is capped and F is 0, and the attack separates them
     assert baseline["forgetting_quality"] == 0.0 and baseline["ulira_auc"] > 0.9
-    assert baseline["loss_auc_mean"] > retrain["loss_auc_mean"]
+    # retrains against other retrains overlap: the method `retrain` scores above the original on both counts
+    assert retrain["forgetting_quality"] > baseline["forgetting_quality"] and retrain["ulira_auc"] < baseline["ulira_auc"]
+    assert retrain["loss_auc_sd"] is not None and request["methods"]["reference retrain"]["loss_auc_mean"] is not None
     assert retrain["ceiling"] == baseline["ceiling"] and 0.0 <= retrain["forgetting_quality"] <= 1.0
     # 3 originals' baselines, 3 reference retrains, 3 retrains as the method, 3 ceiling retrains
     assert "privacy: 12 runs, 0 already done, 12 to run" in capsys.readouterr().out
