@@ -78,6 +78,7 @@ PAIRS100_TO_20 = np.arange(100) // 5
 # pairs10: the tens (left) digit, the right digit a distractor. (The sum modulo 10, which needs
 # both digits, stayed at chance after 3 epochs: too slow to learn for the CPU demo.)
 PAIRS10_CLASSES = [f"{a}x" for a in range(10)]
+PAIRS100_TO_10 = np.arange(100) // 10
 # Pair images per class (train, test). pairs100 and pairs20 share one set of images; pairs10 has
 # 1,110 training images a class so that, less the 10% validation split, forgetting 20 random samples
 # gives |D| / |D_f| = 9,990 / 20 = 499.5, the paper's 50,000 / 100 = 500 on CIFAR-10.
@@ -290,7 +291,7 @@ def build_data(name: str, data_dir: str | Path = "data", image_size: int | None 
     elif name in ("pairs100", "pairs20", "pairs10"):
         native = 16
         (xtr, ftr, _), (xte, fte, _) = pair_arrays(name)
-        to_target = {"pairs100": None, "pairs20": PAIRS100_TO_20, "pairs10": np.arange(100) // 10}[name]
+        to_target = {"pairs100": None, "pairs20": PAIRS100_TO_20, "pairs10": PAIRS100_TO_10}[name]
         classes, fine_classes = CLASS_NAMES[name]
         train = LabeledImages(_UInt8Images(xtr), ftr, to_target)
         test = LabeledImages(_UInt8Images(xte), fte, to_target)

@@ -74,7 +74,8 @@ def plan_runs(args) -> tuple[argparse.Namespace, dict, list[tuple[str, str, int,
     """The driver's arguments, the table, and every run as (forget class, role, seed, Run); role is the
     method's name, "reference" or "ceiling"."""
     seeds = list(range(args.first_seed, args.first_seed + args.n_models))
-    methods = [m for m in args.methods.replace(",", " ").split() if m != "retrain"]
+    asked = args.methods.replace(",", " ").split()
+    methods = [m for m in asked if m != "retrain"]
     driver = experiments.parse_args([args.devices, "--table", args.table, "--seeds", " ".join(map(str, seeds)),
                                      "--methods", " ".join(["retrain", *methods]), "--results", args.results,
                                      "--checkpoint-dir", args.checkpoint_dir, "--data-dir", args.data_dir,
@@ -89,7 +90,7 @@ def plan_runs(args) -> tuple[argparse.Namespace, dict, list[tuple[str, str, int,
             continue
         planned.append((c.forget_class, "reference", s, run))
         for role, offset in (("retrain", METHOD_RETRAIN_OFFSET), ("ceiling", CEILING_OFFSET)):
-            if role == "retrain" and "retrain" not in args.methods.split():
+            if role == "retrain" and "retrain" not in asked:
                 continue
             config = replace(c, seed=s + offset, model_seed=s)
             planned.append((c.forget_class, role, s, experiments.Run(run.table, config,

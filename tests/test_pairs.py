@@ -41,7 +41,7 @@ def test_sizes_classes_and_the_paper_ratios(pair_sets):
     # pairs20 is pairs100's images with superclass targets: the five pairs 35..39 are superclass 35-39
     assert np.array_equal(p20.train.fine, p100.train.fine)
     assert set(p20.train.fine[p20.train.targets == 7]) == {35, 36, 37, 38, 39}
-    assert np.array_equal(p10.train.targets, p10.train.fine // 10)
+    assert np.array_equal(p10.train.targets, p10.train.fine // 10) and np.array_equal(datasets.PAIRS100_TO_10[[37]], [3])
     ratio = lambda s: len(s.data.train_idx) / len(s.forget_idx)  # noqa: E731
     cases = [(datasets.build_splits("full_class", p100, "07"), 100), (datasets.build_splits("full_class", p20, "05-09"), 20),
              (datasets.build_splits("sub_class", p20, "07"), 100),
