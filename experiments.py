@@ -102,6 +102,17 @@ VERDICT_TABLES = {
 }
 VERDICT_METHODS = ["baseline", "retrain", "ssd", "lfssd", "assd", "ssd_search"]
 VERDICT_RESULTS = "runs/verdict.jsonl"
+# The privacy suite (privacy.py): N = 16 originals per request, and three retrains per original and
+# request, so each training must be cheap. These originals train on the pairs' native 16x16 pixels
+# (the other pair tables upsample to 32x32, about three times the compute), in their own checkpoint
+# folder, since a checkpoint is found by (net, dataset, seed) alone. The requests are the first two
+# of the verdict's fixed list.
+PRIVACY_TABLES = {
+    "pairs100_full_resnet": replace(QUICK_TABLES["pairs100_full_resnet"], classes=VERDICT_CLASSES[:2],
+                                    pretrain_flags=[*QUICK_PRETRAIN, "--image-size", "16"]),
+}
+PRIVACY_RESULTS = "runs/privacy.jsonl"
+PRIVACY_CHECKPOINTS = "runs/privacy/pretrain"
 
 
 @dataclass
@@ -118,12 +129,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("devices", nargs="?", default=env("DEVICES", "cpu"),
                    help="'cpu' (default), one GPU id, or a comma list ('0,1,2,3'; 'cpu,cpu' runs two CPU slots); "
                         "one run at a time per entry")
-    p.add_argument("--suite", choices=["quick", "verdict", "digits", "paper"], default=env("SUITE"),
+    p.add_argument("--suite", choices=["quick", "verdict", "digits", "paper", "privacy"], default=env("SUITE"),
                    help=f"quick: the four digit-pair tables, one forget request each, {' '.join(QUICK_METHODS)}; "
                         f"verdict: pairs100 full class, pairs20 sub-class and pairs10 random, 10 requests each, "
                         f"{' '.join(VERDICT_METHODS)}, into {VERDICT_RESULTS} unless --results is given; digits: "
-                        "the small-cap digits tables, every method; paper: every paper table (default: quick on "
-                        "cpu, paper on GPUs; env SUITE)")
+                        "the small-cap digits tables, every method; paper: every paper table; privacy: many-model "
+                        "privacy statistics, run by privacy.py (./MAIN_run_experiments.sh --suite privacy starts "
+                        "it; see privacy.py --help) (default: quick on cpu, paper on GPUs; env SUITE)")
     p.add_argument("--table", action="append", default=env("TABLE", "").split() or None,
                    help=f"run only these tables (repeatable; env TABLE): {', '.join(TABLES)}")
     p.add_argument("--seeds", default=env("SEEDS"), help="seeds, e.g. '1 2 3' (default: 1..5; the embedded tables: 1 2; env SEEDS)")
@@ -147,9 +159,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--extra", default=env("EXTRA", ""), help="extra flags for every forget run, e.g. '--wandb disabled'")
     cluster.add_flags(p)
     args = p.parse_args(argv)
-    unknown = [t for t in args.table or [] if t not in TABLES]
+    known = {**TABLES, **PRIVACY_TABLES} if args.suite == "privacy" else TABLES
+    unknown = [t for t in args.table or [] if t not in known]
     if unknown:
-        raise UserError(f"unknown table {', '.join(unknown)} (choose from {', '.join(TABLES)})")
+        raise UserError(f"unknown table {', '.join(unknown)} (choose from {', '.join(known)})")
     args.slots = [d.strip() for d in args.devices.split(",") if d.strip()]
     bad = [s for s in args.slots if s != "cpu" and not s.isdigit()] or ([] if args.slots else ["(none)"])
     if bad:
@@ -158,7 +171,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     on_cpu = all(s == "cpu" for s in args.slots)
     args.suite = args.suite or ("quick" if on_cpu else "paper")
     args.results = args.results or (VERDICT_RESULTS if args.suite == "verdict" else shared["results"])
-    quick = args.table is None and args.suite in ("quick", "verdict", "digits") or args.table and all(
+    quick = args.table is None and args.suite in ("quick", "verdict", "digits", "privacy") or args.table and all(
         t in EMBEDDED_TABLES for t in args.table)
     seeds = (args.seeds or ("1 2" if quick else "1 2 3 4 5")).replace(",", " ").split()
     if not seeds or not all(s.isdigit() for s in seeds):
@@ -201,9 +214,10 @@ def check_gpus(slots: list[str]) -> None:
 
 def select_tables(args) -> dict[str, Table]:
     if args.table:
-        return {t: TABLES[t] for t in args.table}
-    return {"quick": QUICK_TABLES, "verdict": VERDICT_TABLES, "digits": DIGITS_TABLES}.get(args.suite) \
-        or _paper_tables()
+        known = {**TABLES, **PRIVACY_TABLES} if args.suite == "privacy" else TABLES
+        return {t: known[t] for t in args.table}
+    return {"quick": QUICK_TABLES, "verdict": VERDICT_TABLES, "digits": DIGITS_TABLES,
+            "privacy": PRIVACY_TABLES}.get(args.suite) or _paper_tables()
 
 
 def class_names(scenario: str, dataset: str, data_dir: str) -> list[str] | None:
@@ -259,16 +273,34 @@ def expand(args, tables: dict[str, Table]) -> list[Run]:
 
 
 def pretrain_commands(args, tables: dict[str, Table]) -> dict[str, list[str]]:
-    """label -> pretraining command, one per (net, dataset, seed) whose checkpoint is missing."""
+    """label -> pretraining command, one per (net, dataset, seed) whose checkpoint is missing. A
+    checkpoint that exists but was trained at another width or image size than the table asks for
+    is an error: it is found by (net, dataset, seed) alone and would be used silently."""
     cmds = {}
-    for t in tables.values():
+    for name, t in tables.items():
         for seed in args.seeds:
             label = f"pretrain {t.net} {t.dataset} seed{seed}"
-            if label in cmds or has_checkpoint(args.checkpoint_dir, t.net, t.dataset, seed):
+            if label in cmds:
+                continue
+            if has_checkpoint(args.checkpoint_dir, t.net, t.dataset, seed):
+                check_recipe(name, t, models.find_checkpoint(args.checkpoint_dir, t.net, t.dataset, seed))
                 continue
             cmds[label] = ["pretrain_model.py", "--net", t.net, "--dataset", t.dataset, "--seed", str(seed),
                            "--checkpoint-dir", args.checkpoint_dir, "--data-dir", args.data_dir, *t.pretrain_flags]
     return cmds
+
+
+def check_recipe(name: str, table: Table, weights: Path) -> None:
+    """The checkpoint's width and image size are the ones the table's pretraining flags ask for."""
+    flags = dict(zip(table.pretrain_flags[::2], table.pretrain_flags[1::2]))
+    wanted = {"width": flags.get("--width"), "image_size": flags.get("--image-size")}
+    if wanted["image_size"] is None and table.net == "resnet18":
+        wanted["image_size"] = "32"  # pretrain_model.py's default for a ResNet
+    spec = models.load_meta(weights).get("model_spec", {})
+    for field_name, want in wanted.items():
+        if want is not None and str(spec.get(field_name)) != want:
+            raise UserError(f"checkpoint {weights} has {field_name} {spec.get(field_name)}, but table {name} "
+                            f"pretrains with {want} (give this table a --checkpoint-dir of its own)")
 
 
 def has_checkpoint(checkpoint_dir: str, net: str, dataset: str, seed: int) -> bool:
@@ -308,6 +340,9 @@ def todo(args, runs: list[Run]) -> list[Run]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.suite == "privacy":
+        raise UserError("the privacy suite runs through privacy.py (run ./MAIN_run_experiments.sh --suite privacy, "
+                        "or python privacy.py)")
     tables = select_tables(args)
     runs = expand(args, tables)
     pretrain = pretrain_commands(args, tables)

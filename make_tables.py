@@ -323,20 +323,52 @@ def _known(*values) -> bool:
     return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
 
 
-def verdict_markdown(verdicts: dict[str, list[Verdict]], tables: dict[str, Table]) -> str:
+def load_privacy(paths: list[str]) -> dict[str, dict[str, list[dict]]]:
+    """table -> method -> one entry per request, from the JSON files privacy.py --out wrote."""
+    import json
+
+    found: dict = defaultdict(lambda: defaultdict(list))
+    for path in paths:
+        try:
+            requests = json.loads(Path(path).read_text())["requests"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"privacy file {path} cannot be read ({type(e).__name__}: {e}) (pass a file that "
+                            f"privacy.py --out wrote)") from None
+        for request in requests:
+            for method, numbers in request["methods"].items():
+                found[request["table"]][method].append({**numbers, "n_models": request["n_models"]})
+    return found
+
+
+def _privacy_cells(entries: list[dict]) -> tuple[str, str]:
+    """F / ceiling and U-LiRA AUC, each the mean over the requests."""
+    def mean(name):
+        values = [e[name] for e in entries if _known(e.get(name))]
+        return f"{statistics.fmean(values):.2f}" if values else "n/a"
+    return mean("f_over_ceiling"), mean("ulira_auc")
+
+
+def verdict_markdown(verdicts: dict[str, list[Verdict]], tables: dict[str, Table],
+                     privacy: dict[str, dict[str, list[dict]]] | None = None) -> str:
+    """The verdicts as Markdown; with privacy.py's numbers for a table, two more columns (F / ceiling
+    and U-LiRA AUC, means over its requests)."""
     parts = []
     for name, rows in verdicts.items():
         t = tables[name]
         judged = t.scenario in REFERENCE_SCENARIOS
         reference = "Df within 5 of retrain's" if judged else "Df <= 10"
         mia = "\\|MIA - retrain\\|" + (NO_POWER if t.mia_uninformative else "")
+        private = (privacy or {}).get(name)
+        extra = " F / ceiling | U-LiRA AUC |" if private else ""
         lines = [f"### Verdict against retrain: {name} ({t.net} on {t.dataset}, {t.scenario})", "",
-                 f"| Method | Cells | \\|Df - retrain\\| | {mia} | \\|loss AUC - retrain\\| | Retain-test drop | Clean | "
-                 "Collapse | Untouched | Partial | Time (s) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                 f"| Method | Cells | \\|Df - retrain\\| | {mia} | \\|loss AUC - retrain\\| |{extra} Retain-test drop | "
+                 "Clean | Collapse | Untouched | Partial | Time (s) |",
+                 "|---|" + "---:|" * (10 + 2 * bool(private))]
         f = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
         f3 = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
         for v in rows:
-            lines.append(f"| {v.method} | {v.cells} | {f(v.df_gap)} | {f(v.mia_gap)} | {f3(v.loss_auc_gap)} | "
+            cells = " {} | {} |".format(*_privacy_cells(private.get(v.method, []))) if private else ""
+            lines.append(f"| {v.method} | {v.cells} | {f(v.df_gap)} | {f(v.mia_gap)} | {f3(v.loss_auc_gap)} |{cells} "
                          f"{f(v.retain_drop)} | "
                          f"{v.counts['clean']} | {v.counts['collapse']} | {v.counts['untouched']} | "
                          f"{v.counts['partial']} | {f(v.method_s)} |")
@@ -347,6 +379,15 @@ def verdict_markdown(verdicts: dict[str, list[Verdict]], tables: dict[str, Table
                   f"- clean: {reference} and retain-test within 5 points of the original; collapse: retain-test "
                   f"< 50; untouched: " + ("otherwise Df not below the original's" if judged else "Df >= 90")
                   + "; partial: the rest (metrics.outcome).", *(f"- {n}" for n in regime_notes(t))]
+        if private:
+            sizes = sorted({e["n_models"] for entries in private.values() for e in entries})
+            requests = max(len(entries) for entries in private.values())
+            lines += [f"- F / ceiling and U-LiRA AUC (privacy.py): N = {', '.join(map(str, sizes))} models "
+                      f"per side, means over {requests} requests. F / ceiling: the competition's forgetting "
+                      f"quality over F of independent retrains (1: as good as retraining; 0: found out). "
+                      f"U-LiRA AUC: 0.5, the attack cannot tell the method's models from retrained ones; "
+                      f"1, it always can. retrain's row: the method `retrain`, on other seeds than the "
+                      f"reference retrains."]
         for v in rows:
             if v.statuses:
                 lines.append(f"- {v.method} search status: " + ", ".join(f"{k} {n}" for k, n in sorted(v.statuses.items())))
@@ -532,6 +573,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--std-floor", type=non_negative_float, default=STD_FLOOR,
                    help="smallest std, in points, that the marker rule uses (default: %(default)s)")
     p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    p.add_argument("--privacy", nargs="+", metavar="FILE",
+                   help="JSON files written by privacy.py --out: their tables' verdicts gain the columns F / "
+                        "ceiling and U-LiRA AUC (run them on the same --results file)")
     return p.parse_args(argv)
 
 
@@ -550,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     verdicts = build_verdicts(tables, records)  # the table a reader looks at first
-    text = verdict_markdown(verdicts, tables) + ("\n" if verdicts else "") + to_markdown(tables, args.per_class,
+    text = verdict_markdown(verdicts, tables, load_privacy(args.privacy) if args.privacy else None) + ("\n" if verdicts else "") + to_markdown(tables, args.per_class,
                                                                                       args.std_floor)
     (out / "tables.md").write_text(text)
     (out / "tables.csv").write_text(to_csv(tables))

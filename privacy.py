@@ -24,8 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import experiments
 import privacy_stats
@@ -42,28 +45,42 @@ CEILING_OFFSET = 20_000  # the retrains that measure the ceiling
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("devices", nargs="?", default="cpu", help="'cpu', a GPU id, or a comma list, as experiments.py")
+    p.add_argument("devices", nargs="?", default="cpu", help="'cpu', a GPU id, or a comma list, as experiments.py "
+                                                             "('cpu,cpu': two CPU runs side by side, one thread each)")
+    p.add_argument("--suite", choices=["privacy"], default="privacy",
+                   help="accepted so that ./MAIN_run_experiments.sh --suite privacy can pass its flags on")
     p.add_argument("--table", default="pairs100_full_resnet",
-                   help="a full-class or sub-class table of experiments.py (default: %(default)s)")
+                   help="a full-class or sub-class table; the embedded pairs100_full_resnet is the privacy suite's "
+                        "(16x16 originals, requests 07 and 18) (default: %(default)s)")
     p.add_argument("--classes", default=None, help="forget classes, one request each (default: the table's)")
     p.add_argument("--methods", default=" ".join(PRIVACY_METHODS), help="methods (default: %(default)s)")
     p.add_argument("--n-models", type=int, default=16, help="N: originals, reference retrains and unlearned models "
                                                              "per method (default: %(default)s)")
     p.add_argument("--first-seed", type=int, default=1, help="seeds are first..first+N-1 (default: %(default)s)")
-    p.add_argument("--results", default="runs/privacy.jsonl", help="results file (default: %(default)s)")
-    p.add_argument("--checkpoint-dir", default="runs/pretrain", help="checkpoint folder (default: %(default)s)")
+    p.add_argument("--results", default=experiments.PRIVACY_RESULTS, help="results file (default: %(default)s)")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help=f"checkpoint folder (default: {experiments.PRIVACY_CHECKPOINTS} for the privacy suite's own "
+                        f"tables, else runs/pretrain)")
     p.add_argument("--data-dir", default="data", help="dataset root (default: %(default)s)")
     p.add_argument("--logs", default="runs/logs", help="one log file per run (default: %(default)s)")
-    p.add_argument("--out", default=None, metavar="FILE", help="write the numbers as JSON to FILE")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="write the numbers as JSON to FILE (default: runs/privacy-seeds<first>-<last>.json)")
+    p.add_argument("--no-tables", action="store_true",
+                   help="do not render the verdict table with the privacy columns (make_tables.py --privacy)")
     args = p.parse_args(argv)
     if args.n_models < 3:
         raise UserError(f"--n-models {args.n_models} is too few: the competition's score needs at least 3 models "
                         f"per side (pass --n-models 3 or more; 16 is the default)")
     if args.first_seed < 0:
         raise UserError(f"--first-seed {args.first_seed} is negative (pass 0 or more)")
-    table = experiments.TABLES.get(args.table)
+    known = {**experiments.TABLES, **experiments.PRIVACY_TABLES}
+    table = known.get(args.table)
     if table is None:
-        raise UserError(f"unknown table {args.table} (choose from {', '.join(experiments.TABLES)})")
+        raise UserError(f"unknown table {args.table} (choose from {', '.join(known)})")
+    own = args.table in experiments.PRIVACY_TABLES
+    args.checkpoint_dir = args.checkpoint_dir or (experiments.PRIVACY_CHECKPOINTS if own else "runs/pretrain")
+    last = args.first_seed + args.n_models - 1
+    args.out = args.out or f"runs/privacy-seeds{args.first_seed}-{last}.json"
     if table.scenario == "random":
         raise UserError(f"privacy.py needs a class table, not {args.table}: a random forget set is drawn from the "
                         f"run seed, which differs between the N models (pass a _full_ or _sub_ table)")
@@ -76,7 +93,7 @@ def plan_runs(args) -> tuple[argparse.Namespace, dict, list[tuple[str, str, int,
     seeds = list(range(args.first_seed, args.first_seed + args.n_models))
     asked = args.methods.replace(",", " ").split()
     methods = [m for m in asked if m != "retrain"]
-    driver = experiments.parse_args([args.devices, "--table", args.table, "--seeds", " ".join(map(str, seeds)),
+    driver = experiments.parse_args([args.devices, "--suite", "privacy", "--table", args.table, "--seeds", " ".join(map(str, seeds)),
                                      "--methods", " ".join(["retrain", *methods]), "--results", args.results,
                                      "--checkpoint-dir", args.checkpoint_dir, "--data-dir", args.data_dir,
                                      "--logs", args.logs, "--no-tables",
@@ -191,9 +208,12 @@ def main(argv: list[str] | None = None) -> int:
         print("\n" + show(requests[-1]))
     elapsed = time.time() - t0
     print(f"\nprivacy finished in {elapsed:.0f}s")
-    if args.out:
-        atomic_write_json(args.out, {"requests": requests, "seconds": elapsed})
-        print(f"wrote {args.out}")
+    atomic_write_json(args.out, {"requests": requests, "seconds": elapsed})
+    print(f"wrote {args.out}")
+    if not args.no_tables:
+        subprocess.run([sys.executable, "make_tables.py", "--results", args.results, "--privacy", args.out,
+                        "--only", args.table, "--out", str(Path(args.out).with_suffix("")) + "-tables",
+                        "--no-figures"], cwd=Path(__file__).resolve().parent)
     return 0
 
 
