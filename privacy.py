@@ -3,9 +3,13 @@ quality F and score, U-LiRA, and the per-run loss AUC, over N originals and N re
 
     python privacy.py --table pairs100_full_resnet --classes 07 --n-models 16 --out runs/privacy.json
     python privacy.py --table pairs100_full_resnet --classes 07 --n-models 16 --first-seed 17
+    python privacy.py --table pairs10_random_resnet --forget-seeds "1 2" --n-models 16
 
-For one forget request (a table and a forget class) and N = --n-models, with seeds s = F..F+N-1
-(F = --first-seed):
+A forget request is a table and a forget class (--classes), or, for a random table, a forget seed f
+(--forget-seeds; request "seed f"): f draws which samples are forgotten, as many as the table's
+--forget-count, and every run of the request draws with f whatever its run seed, so all N models
+forget the same samples (in experiments.py the run seed draws them, so each original forgets others).
+For each request and N = --n-models, with seeds s = F..F+N-1 (F = --first-seed):
 - originals: pretraining seed s, shared by every request and method;
 - each method unlearns each original once (run seed s): SSD is deterministic given its original, so
   N unlearned models need N originals;
@@ -44,8 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("devices", nargs="?", default="cpu", help="'cpu', a GPU id, or a comma list, as experiments.py")
     p.add_argument("--table", default="pairs100_full_resnet",
-                   help="a full-class or sub-class table of experiments.py (default: %(default)s)")
-    p.add_argument("--classes", default=None, help="forget classes, one request each (default: the table's)")
+                   help="a table of experiments.py (default: %(default)s)")
+    p.add_argument("--classes", default=None, help="class tables: forget classes, one request each (default: the table's)")
+    p.add_argument("--forget-seeds", default=None, help="random tables: forget seeds, one request each; each draws "
+                                                        "the samples that every run of its request forgets (default: 1)")
     p.add_argument("--methods", default=" ".join(PRIVACY_METHODS), help="methods (default: %(default)s)")
     p.add_argument("--n-models", type=int, default=16, help="N: originals, reference retrains and unlearned models "
                                                              "per method (default: %(default)s)")
@@ -64,15 +70,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     table = experiments.TABLES.get(args.table)
     if table is None:
         raise UserError(f"unknown table {args.table} (choose from {', '.join(experiments.TABLES)})")
-    if table.scenario == "random":
-        raise UserError(f"privacy.py needs a class table, not {args.table}: a random forget set is drawn from the "
-                        f"run seed, which differs between the N models (pass a _full_ or _sub_ table)")
+    args.forget_seeds = forget_seeds(args, table)
     return args
 
 
+def forget_seeds(args: argparse.Namespace, table: experiments.Table) -> list[int] | None:
+    """The forget seeds of a random table (one request each), None for a class table."""
+    if table.scenario != "random":
+        if args.forget_seeds is not None:
+            raise UserError(f"--forget-seeds is for random tables, and {args.table} is {table.scenario} (pass "
+                            f"--classes, or a _random_ table)")
+        return None
+    if args.classes is not None:
+        raise UserError(f"--classes is for class tables, and {args.table} forgets random samples (pass "
+                        f"--forget-seeds, or a _full_ or _sub_ table)")
+    seeds = ("1" if args.forget_seeds is None else args.forget_seeds).replace(",", " ").split()
+    if not seeds or not all(s.isdigit() for s in seeds):
+        raise UserError(f"--forget-seeds {args.forget_seeds!r} is not a list of non-negative integers (pass e.g. "
+                        f"--forget-seeds '1 2')")
+    return list(dict.fromkeys(int(s) for s in seeds))
+
+
 def plan_runs(args) -> tuple[argparse.Namespace, dict, list[tuple[str, str, int, experiments.Run]]]:
-    """The driver's arguments, the table, and every run as (forget class, role, seed, Run); role is the
-    method's name, "reference" or "ceiling"."""
+    """The driver's arguments, the table, and every run as (request, role, seed, Run); request is the
+    forget class, or "seed f" for forget seed f; role is the method's name, "reference" or "ceiling"."""
     seeds = list(range(args.first_seed, args.first_seed + args.n_models))
     asked = args.methods.replace(",", " ").split()
     methods = [m for m in asked if m != "retrain"]
@@ -82,19 +103,26 @@ def plan_runs(args) -> tuple[argparse.Namespace, dict, list[tuple[str, str, int,
                                      "--logs", args.logs, "--no-tables",
                                      *(["--classes", args.classes] if args.classes else [])])
     tables = experiments.select_tables(driver)
+    if args.forget_seeds is not None:  # the originals' own seeds as run seeds, not a table's split seeds
+        tables = {name: replace(t, split_seeds=None) for name, t in tables.items()}
+    runs = experiments.expand(driver, tables)
+    if args.forget_seeds is not None:  # every run of a request, whatever its seed, forgets the same samples
+        runs = [experiments.Run(r.table, replace(r.config, forget_seed=f), f"{r.label} forget-seed {f}")
+                for f in args.forget_seeds for r in runs]
     planned = []
-    for run in experiments.expand(driver, tables):
+    for run in runs:
         c, s = run.config, run.config.seed
+        request = c.forget_class if c.forget_seed is None else f"seed {c.forget_seed}"
         if c.method != "retrain":
-            planned.append((c.forget_class, c.method, s, run))
+            planned.append((request, c.method, s, run))
             continue
-        planned.append((c.forget_class, "reference", s, run))
+        planned.append((request, "reference", s, run))
         for role, offset in (("retrain", METHOD_RETRAIN_OFFSET), ("ceiling", CEILING_OFFSET)):
             if role == "retrain" and "retrain" not in asked:
                 continue
             config = replace(c, seed=s + offset, model_seed=s)
-            planned.append((c.forget_class, role, s, experiments.Run(run.table, config,
-                                                                     f"{run.label} ({role}, seed {s + offset})")))
+            planned.append((request, role, s, experiments.Run(run.table, config,
+                                                              f"{run.label} ({role}, seed {s + offset})")))
     return driver, tables, planned
 
 
@@ -180,13 +208,13 @@ def main(argv: list[str] | None = None) -> int:
                         f"the same command: finished runs are kept)")
     recorded = {r["key"]: r for r in results.read(args.results)}
     requests = []
-    for cls in dict.fromkeys(c for c, *_ in planned):
+    for forget in dict.fromkeys(request for request, *_ in planned):
         by_role: dict[str, list[dict]] = {}
-        for c, role, _, run in planned:
-            if c == cls:
+        for request, role, _, run in planned:
+            if request == forget:
                 by_role.setdefault(role, []).append(recorded[run.key])
-        seeds = sorted({s for c, _, s, _ in planned if c == cls})
-        requests.append({"table": args.table, "forget": cls, "n_models": args.n_models, "seeds": seeds,
+        seeds = sorted({s for request, _, s, _ in planned if request == forget})
+        requests.append({"table": args.table, "forget": forget, "n_models": args.n_models, "seeds": seeds,
                          "methods": request_stats(by_role, args.results)})
         print("\n" + show(requests[-1]))
     elapsed = time.time() - t0
