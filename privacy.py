@@ -49,9 +49,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("devices", nargs="?", default="cpu", help="'cpu', a GPU id, or a comma list, as experiments.py")
     p.add_argument("--table", default="pairs100_full_resnet",
                    help="a table of experiments.py (default: %(default)s)")
-    p.add_argument("--classes", default=None, help="class tables: forget classes, one request each (default: the table's)")
-    p.add_argument("--forget-seeds", default=None, help="random tables: forget seeds, one request each; each draws "
-                                                        "the samples that every run of its request forgets (default: 1)")
+    p.add_argument("--classes", default=None,
+                   help="class tables: forget classes, one request each (default: the table's)")
+    p.add_argument("--forget-seeds", default=None,
+                   help="random tables: forget seeds, one request each; each draws the samples that every run of "
+                        "its request forgets (default: 1)")
     p.add_argument("--methods", default=" ".join(PRIVACY_METHODS), help="methods (default: %(default)s)")
     p.add_argument("--n-models", type=int, default=16, help="N: originals, reference retrains and unlearned models "
                                                              "per method (default: %(default)s)")
