@@ -147,13 +147,17 @@ def forget_parser(scenario: str, defaults: dict | None, ssd_params: dict | None 
         a("--forget-fraction", type=Number(float).parse, default=default("forget_fraction"),
           help="fraction to forget, split as torch's random_split does: the paper's 0.00165 gives 83 of 50,000 "
                "samples, not 100")
+        a("--forget-seed", type=seed_int.parse, default=default("forget_seed"),
+          help="seed that draws the forget set (default: --seed); fix it to forget the same samples from "
+               "originals of different seeds")
     a("--method", "-method", default=default("method"), metavar=_shown(sorted(methods.REGISTRY)),
       help="unlearning method")
     a("--weights", "-weight_path", default=default("weights"),
       help="model.pt of the original model (its meta.json lies beside it); by default the checkpoint "
            "whose metadata matches --net, --dataset and --model-seed is taken from --checkpoint-dir")
     add_shared_flags(p, "checkpoint_dir", "seed", convert_only=True, checkpoint_dir=default("checkpoint_dir"),
-                     seed=default("seed"), seed_help="seeds python, numpy and torch; also the random split's seed")
+                     seed=default("seed"), seed_help="seeds python, numpy and torch; also the random split's seed "
+                                                     "unless --forget-seed is given")
     a("--model-seed", type=seed_int.parse, default=default("model_seed"),
       help="training seed of the checkpoint to look up (default: --seed)")
     a("--batch-size", "-b", type=Number(int).parse, default=default("batch_size"),

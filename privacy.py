@@ -1,11 +1,16 @@
 """Many-model privacy of one forget request: the NeurIPS 2023 unlearning competition's forgetting
 quality F and score, U-LiRA, and the per-run loss AUC, over N originals and N retrains.
 
-    python privacy.py --table pairs100_full_resnet --classes 07 --n-models 16 --out runs/privacy.json
-    python privacy.py --table pairs100_full_resnet --classes 07 --n-models 16 --first-seed 17
+    ./MAIN_run_experiments.sh --suite privacy        # the privacy suite: this script with its defaults
+    python privacy.py --first-seed 17                 # the same requests on originals 17..32
+    python privacy.py 0 --table cifar100_full_resnet --classes rocket --n-models 16   # on GPU 0
+    python privacy.py --table pairs10_random_resnet --forget-seeds "1 2" --n-models 16
 
-For one forget request (a table and a forget class) and N = --n-models, with seeds s = F..F+N-1
-(F = --first-seed):
+A forget request is a table and a forget class (--classes), or, for a random table, a forget seed f
+(--forget-seeds; request "seed f"): f draws which samples are forgotten, as many as the table's
+--forget-count, and every run of the request draws with f whatever its run seed, so all N models
+forget the same samples (in experiments.py the run seed draws them, so each original forgets others).
+For each request and N = --n-models, with seeds s = F..F+N-1 (F = --first-seed):
 - originals: pretraining seed s, shared by every request and method;
 - each method unlearns each original once (run seed s): SSD is deterministic given its original, so
   N unlearned models need N originals;
@@ -15,6 +20,10 @@ For one forget request (a table and a forget class) and N = --n-models, with see
   the same N: what a perfect unlearner scores here (well below 1 at small N). F / ceiling is the
   number to read first; U-LiRA's AUC (0.5: the attack cannot tell the method's models from retrained
   ones) second.
+The privacy suite (the defaults) is pairs100 full class, forget classes 07 and 18 (the first two of
+the verdict's fixed list), N = 16, on originals trained at the pairs' native 16x16 in their own
+checkpoint folder, with two CPU runs side by side ('cpu,cpu', one thread each) where there are two
+cores or more. The verdict table of its runs, with the privacy columns, is rendered at the end.
 Runs already in --results are reused (same keys, same resume rules); missing checkpoints and runs
 go through the driver's workers (experiments.py). The statistics come from the per-example side
 files the runs wrote (results.examples_path), so nothing is re-run to compute them.
@@ -22,7 +31,7 @@ files the runs wrote (results.examples_path), so nothing is re-run to compute th
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import statistics
 import subprocess
 import sys
@@ -45,14 +54,20 @@ CEILING_OFFSET = 20_000  # the retrains that measure the ceiling
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("devices", nargs="?", default="cpu", help="'cpu', a GPU id, or a comma list, as experiments.py "
-                                                             "('cpu,cpu': two CPU runs side by side, one thread each)")
+    p.add_argument("devices", nargs="?", default="cpu,cpu" if (os.cpu_count() or 1) > 1 else "cpu",
+                   help="'cpu', a GPU id, or a comma list, as experiments.py ('cpu,cpu': two CPU runs side by side, "
+                        "one thread each: about 1.4x the throughput of one run on two cores for these small "
+                        "models) (default: %(default)s)")
     p.add_argument("--suite", choices=["privacy"], default="privacy",
                    help="accepted so that ./MAIN_run_experiments.sh --suite privacy can pass its flags on")
     p.add_argument("--table", default="pairs100_full_resnet",
-                   help="a full-class or sub-class table; the embedded pairs100_full_resnet is the privacy suite's "
+                   help="a table of experiments.py; the embedded pairs100_full_resnet is the privacy suite's "
                         "(16x16 originals, requests 07 and 18) (default: %(default)s)")
-    p.add_argument("--classes", default=None, help="forget classes, one request each (default: the table's)")
+    p.add_argument("--classes", default=None,
+                   help="class tables: forget classes, one request each (default: the table's)")
+    p.add_argument("--forget-seeds", default=None,
+                   help="random tables: forget seeds, one request each; each draws the samples that every run of "
+                        "its request forgets (default: 1)")
     p.add_argument("--methods", default=" ".join(PRIVACY_METHODS), help="methods (default: %(default)s)")
     p.add_argument("--n-models", type=int, default=16, help="N: originals, reference retrains and unlearned models "
                                                              "per method (default: %(default)s)")
@@ -81,37 +96,60 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.checkpoint_dir = args.checkpoint_dir or (experiments.PRIVACY_CHECKPOINTS if own else "runs/pretrain")
     last = args.first_seed + args.n_models - 1
     args.out = args.out or f"runs/privacy-seeds{args.first_seed}-{last}.json"
-    if table.scenario == "random":
-        raise UserError(f"privacy.py needs a class table, not {args.table}: a random forget set is drawn from the "
-                        f"run seed, which differs between the N models (pass a _full_ or _sub_ table)")
+    args.forget_seeds = forget_seeds(args, table)
     return args
 
 
+def forget_seeds(args: argparse.Namespace, table: experiments.Table) -> list[int] | None:
+    """The forget seeds of a random table (one request each), None for a class table."""
+    if table.scenario != "random":
+        if args.forget_seeds is not None:
+            raise UserError(f"--forget-seeds is for random tables, and {args.table} is {table.scenario} (pass "
+                            f"--classes, or a _random_ table)")
+        return None
+    if args.classes is not None:
+        raise UserError(f"--classes is for class tables, and {args.table} forgets random samples (pass "
+                        f"--forget-seeds, or a _full_ or _sub_ table)")
+    seeds = ("1" if args.forget_seeds is None else args.forget_seeds).replace(",", " ").split()
+    if not seeds or not all(s.isdigit() for s in seeds):
+        raise UserError(f"--forget-seeds {args.forget_seeds!r} is not a list of non-negative integers (pass e.g. "
+                        f"--forget-seeds '1 2')")
+    return list(dict.fromkeys(int(s) for s in seeds))
+
+
 def plan_runs(args) -> tuple[argparse.Namespace, dict, list[tuple[str, str, int, experiments.Run]]]:
-    """The driver's arguments, the table, and every run as (forget class, role, seed, Run); role is the
-    method's name, "reference" or "ceiling"."""
+    """The driver's arguments, the table, and every run as (request, role, seed, Run); request is the
+    forget class, or "seed f" for forget seed f; role is the method's name, "reference" or "ceiling"."""
     seeds = list(range(args.first_seed, args.first_seed + args.n_models))
     asked = args.methods.replace(",", " ").split()
     methods = [m for m in asked if m != "retrain"]
-    driver = experiments.parse_args([args.devices, "--suite", "privacy", "--table", args.table, "--seeds", " ".join(map(str, seeds)),
+    driver = experiments.parse_args([args.devices, "--suite", "privacy", "--table", args.table,
+                                     "--seeds", " ".join(map(str, seeds)),
                                      "--methods", " ".join(["retrain", *methods]), "--results", args.results,
                                      "--checkpoint-dir", args.checkpoint_dir, "--data-dir", args.data_dir,
                                      "--logs", args.logs, "--no-tables",
                                      *(["--classes", args.classes] if args.classes else [])])
     tables = experiments.select_tables(driver)
+    if args.forget_seeds is not None:  # the originals' own seeds as run seeds, not a table's split seeds
+        tables = {name: replace(t, split_seeds=None) for name, t in tables.items()}
+    runs = experiments.expand(driver, tables)
+    if args.forget_seeds is not None:  # every run of a request, whatever its seed, forgets the same samples
+        runs = [experiments.Run(r.table, replace(r.config, forget_seed=f), f"{r.label} forget-seed {f}")
+                for f in args.forget_seeds for r in runs]
     planned = []
-    for run in experiments.expand(driver, tables):
+    for run in runs:
         c, s = run.config, run.config.seed
+        request = c.forget_class if c.forget_seed is None else f"seed {c.forget_seed}"
         if c.method != "retrain":
-            planned.append((c.forget_class, c.method, s, run))
+            planned.append((request, c.method, s, run))
             continue
-        planned.append((c.forget_class, "reference", s, run))
+        planned.append((request, "reference", s, run))
         for role, offset in (("retrain", METHOD_RETRAIN_OFFSET), ("ceiling", CEILING_OFFSET)):
             if role == "retrain" and "retrain" not in asked:
                 continue
             config = replace(c, seed=s + offset, model_seed=s)
-            planned.append((c.forget_class, role, s, experiments.Run(run.table, config,
-                                                                     f"{run.label} ({role}, seed {s + offset})")))
+            planned.append((request, role, s, experiments.Run(run.table, config,
+                                                              f"{run.label} ({role}, seed {s + offset})")))
     return driver, tables, planned
 
 
@@ -197,13 +235,13 @@ def main(argv: list[str] | None = None) -> int:
                         f"the same command: finished runs are kept)")
     recorded = {r["key"]: r for r in results.read(args.results)}
     requests = []
-    for cls in dict.fromkeys(c for c, *_ in planned):
+    for forget in dict.fromkeys(request for request, *_ in planned):
         by_role: dict[str, list[dict]] = {}
-        for c, role, _, run in planned:
-            if c == cls:
+        for request, role, _, run in planned:
+            if request == forget:
                 by_role.setdefault(role, []).append(recorded[run.key])
-        seeds = sorted({s for c, _, s, _ in planned if c == cls})
-        requests.append({"table": args.table, "forget": cls, "n_models": args.n_models, "seeds": seeds,
+        seeds = sorted({s for request, _, s, _ in planned if request == forget})
+        requests.append({"table": args.table, "forget": forget, "n_models": args.n_models, "seeds": seeds,
                          "methods": request_stats(by_role, args.results)})
         print("\n" + show(requests[-1]))
     elapsed = time.time() - t0

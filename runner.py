@@ -60,7 +60,7 @@ def script_ssd_params(scenario: str) -> dict:
 
 # Checks of the run's own fields; the method's hyperparameters carry theirs in methods.py.
 RANGES = {"seed": seed_int, "model_seed": seed_int, "batch_size": positive_int, "eval_batch_size": positive_int,
-          "forget_count": positive_int, "forget_fraction": fraction}
+          "forget_count": positive_int, "forget_fraction": fraction, "forget_seed": seed_int}
 SWITCHES = ("no_download", "separate_records", "force", "amp", "deterministic")
 TEXTS = ("weights", "checkpoint_dir", "data_dir", "results", "importance_cache", "wandb_project")
 NAMING = ("net", "dataset", "method", "seed")  # always on a command line, so that it says which run it is
@@ -79,7 +79,10 @@ class RunConfig:
     forget_class: str | None = None  # class scenarios: a name or an index
     forget_count: int | None = None  # random forgetting: how many samples (100 unless a fraction is given)
     forget_fraction: float | None = None
-    seed: int = 0  # seeds python, numpy and torch, and the random split
+    # random forgetting: the seed that draws the forget set (None: seed), so that runs on several originals
+    # (several run seeds) can forget the same samples
+    forget_seed: int | None = None
+    seed: int = 0  # seeds python, numpy and torch, and the random split unless forget_seed is given
     model_seed: int | None = None  # training seed of the checkpoint to look up (default: seed)
     weights: str | None = None  # a model.pt; by default the checkpoint_dir entry whose meta.json matches
     checkpoint_dir: str = "runs/pretrain"
@@ -185,9 +188,9 @@ def _check_forget_request(v: dict) -> None:
             raise UserError("forget_count (--forget-count) and forget_fraction (--forget-fraction) exclude each "
                             "other (pass one of them)")
         return
-    if v["forget_count"] is not None or v["forget_fraction"] is not None:
-        raise UserError(f"{scenario} forgetting takes forget_class, not forget_count or forget_fraction (drop "
-                        f"them, or use scenario random)")
+    if v["forget_count"] is not None or v["forget_fraction"] is not None or v["forget_seed"] is not None:
+        raise UserError(f"{scenario} forgetting takes forget_class, not forget_count, forget_fraction or "
+                        f"forget_seed (drop them, or use scenario random)")
     if forget_class is None or isinstance(forget_class, bool) or not isinstance(forget_class, (str, int)):
         raise UserError(f"{scenario} forgetting needs forget_class (--forget-class), a class name or index, got "
                         f"{forget_class!r} (pass e.g. --forget-class three)")
@@ -241,9 +244,11 @@ COMMON_KEY = ("scenario", "method", "net", "dataset", "forget_class", "forget_co
 
 
 def record_key(config: dict) -> str | None:
-    """A stored run's key under today's rule, recomputed from its config (None for an unknown method)."""
+    """A stored run's key under today's rule, recomputed from its config (None for an unknown method).
+    forget_seed joins the key only when it is set: runs without it keep the keys they were recorded under."""
     method = methods.REGISTRY.get(config.get("method"))
-    return None if method is None else results.run_key(config, COMMON_KEY + tuple(method.param_names))
+    drawn_by = ("forget_seed",) if config.get("forget_seed") is not None else ()
+    return None if method is None else results.run_key(config, COMMON_KEY + drawn_by + tuple(method.param_names))
 
 
 @dataclass
@@ -302,7 +307,8 @@ def plan(config: RunConfig, cache: Cache | None = None) -> Plan:
         if cache is not None:
             cache.data[data_args] = data
     check_meta(meta, c, data)
-    splits = datasets.build_splits(c.scenario, data, c.forget_class, seed=c.seed, forget_count=c.forget_count,
+    split_seed = c.seed if c.forget_seed is None else c.forget_seed
+    splits = datasets.build_splits(c.scenario, data, c.forget_class, seed=split_seed, forget_count=c.forget_count,
                                    forget_fraction=c.forget_fraction)
     record_config = {**{f.name: getattr(c, f.name) for f in fields(c) if f.name != "hp"}, **asdict(c.hp),
                      "forget_class": _forget_name(splits), "checkpoint_sha256": meta.get("sha256"),

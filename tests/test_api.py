@@ -78,11 +78,17 @@ def test_execute_in_process_and_the_script_with_to_argv_write_the_same_record(sc
 
 def test_from_argv_inverts_to_argv():
     config = runner.RunConfig("random", method="finetune", hp=methods.FinetuneParams(finetune_lr=0.05), seed=7,
-                              forget_count=30, batch_size=32, amp=True, importance_cache="", separate_records=True,
-                              results="x/r.jsonl", wandb="offline", wandb_project="p", device="cpu")
+                              forget_count=30, forget_seed=5, batch_size=32, amp=True, importance_cache="",
+                              separate_records=True, results="x/r.jsonl", wandb="offline", wandb_project="p",
+                              device="cpu")
     argv = config.to_argv()
     assert "--no-importance-cache" not in argv and argv[argv.index("--importance-cache") + 1] == ""
+    assert argv[argv.index("--forget-seed") + 1] == "5"
     assert runner.RunConfig.from_argv("random", argv, SCRIPT_PARAMS["random"]) == config.resolve()
+    # the worker's path: plain JSON there and back
+    assert runner.RunConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    unset = dataclasses.replace(config, forget_seed=None)
+    assert "--forget-seed" not in unset.to_argv() and runner.RunConfig.from_dict(unset.to_dict()).forget_seed is None
     alpha_inf = runner.RunConfig("full_class", forget_class="3", hp=methods.SSDParams(alpha=float("inf")))
     assert runner.RunConfig.from_argv("full_class", alpha_inf.to_argv()) == alpha_inf.resolve()
     with pytest.raises(UserError, match="forget_class has no flag"):
@@ -113,7 +119,8 @@ def test_a_value_given_in_python_is_checked_like_a_flag():
              "method (--method): 'sdd' is not one of": dict(method="sdd"),
              "unknown device 'gpu'": dict(device="gpu"),
              r"amp \(--amp\): 1 is not True or False": dict(amp=1),
-             "forgetting takes forget_class, not forget_count": dict(forget_count=5)}
+             "forgetting takes forget_class, not forget_count": dict(forget_count=5),
+             "not forget_count, forget_fraction or forget_seed": dict(forget_seed=1)}
     for message, fields in cases.items():
         with pytest.raises(UserError, match=re.escape(message) if "\\" not in message else message):
             runner.RunConfig("full_class", forget_class="three", **fields).resolve()
@@ -121,6 +128,8 @@ def test_a_value_given_in_python_is_checked_like_a_flag():
         runner.RunConfig("full_class").resolve()
     with pytest.raises(UserError, match="exclude each other"):
         runner.RunConfig("random", forget_count=5, forget_fraction=0.1).resolve()
+    with pytest.raises(UserError, match=re.escape("forget_seed (--forget-seed): -1 is out of range")):
+        runner.RunConfig("random", forget_seed=-1).resolve()
     resolved = runner.RunConfig("full_class", forget_class=3, hp=methods.SSDParams(alpha=5)).resolve()
     assert resolved.forget_class == "3" and resolved.hp.alpha == 5.0 and isinstance(resolved.hp.alpha, float)
 
@@ -131,6 +140,28 @@ def test_an_int_alpha_in_python_is_the_same_run_as_the_flag(tiny_checkpoint, tmp
     flags = runner.plan(runner.RunConfig.from_argv("full_class", ["--alpha", "5", "--forget-class", "three",
                                                                   "--weights", common["weights"]]))
     assert python.key == flags.key
+
+
+def test_forget_seed_draws_the_forget_set_and_joins_the_key_only_when_set(tiny_checkpoint, tmp_path):
+    def planned(**fields) -> runner.Plan:
+        where = dict(weights=str(tiny_checkpoint / "model.pt"), results=str(tmp_path / "r.jsonl"))
+        return runner.plan(runner.RunConfig("random", forget_count=12, **{"seed": 3, **where, **fields}))
+
+    unset, own, other = planned(), planned(forget_seed=3), planned(forget_seed=4)
+    # without forget_seed the key is the one recorded before the field existed: the same fields, hashed alike
+    assert "forget_seed" not in runner.COMMON_KEY
+    before = [k for k in runner.COMMON_KEY + tuple(methods.REGISTRY["ssd"].param_names) if k != "forget_seed"]
+    assert unset.key == results.run_key(unset.record_config, tuple(before))
+    old_record = {k: v for k, v in unset.record_config.items() if k != "forget_seed"}  # as older records hold it
+    assert runner.record_key(old_record) == unset.key
+    # forget_seed=None draws with the run seed: the same samples as forget_seed=seed, under another key
+    assert (unset.splits.forget_idx == own.splits.forget_idx).all() and unset.key != own.key
+    # another forget seed, another forget set and another key, on the same original and run seed
+    assert set(own.splits.forget_idx) != set(other.splits.forget_idx) and own.key != other.key
+    assert len(own.splits.forget_idx) == len(other.splits.forget_idx) == 12
+    assert runner.record_key(own.record_config) == own.key and runner.record_key(other.record_config) == other.key
+    # the run seed no longer picks the samples once forget_seed is fixed
+    assert (planned(forget_seed=4, seed=5).splits.forget_idx == other.splits.forget_idx).all()
 
 
 def test_the_readme_python_snippet_runs(tmp_path, monkeypatch):

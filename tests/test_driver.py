@@ -152,7 +152,7 @@ def test_a_run_in_the_worker_writes_the_line_it_writes_in_process(tiny_checkpoin
         runner.RunConfig.from_argv("sub_class", ["--dataset", "digits5", "--weights", str(digits5_checkpoint / "model.pt"),
                                                  "--forget-class", "three", "--method", "unsir", *common]),
         runner.RunConfig.from_argv("random", ["--weights", str(tiny_checkpoint / "model.pt"), "--forget-count", "20",
-                                              "--method", "bad_teacher", *common])]
+                                              "--forget-seed", "9", "--method", "bad_teacher", *common])]
     for config in configs:
         runner.execute(config)
     in_process = results.read(results_path)
@@ -173,6 +173,7 @@ def test_a_run_in_the_worker_writes_the_line_it_writes_in_process(tiny_checkpoin
 
     assert len(in_process) == len(by_worker) == 3
     assert [r["config"]["scenario"] for r in by_worker] == ["full_class", "sub_class", "random"]
+    assert by_worker[2]["config"]["forget_seed"] == 9  # the worker's config carries every field
     for line, worker_line in zip(in_process, by_worker):
         assert comparable(worker_line) == comparable(line)
         assert worker_line["times"].keys() == line["times"].keys()
