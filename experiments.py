@@ -273,9 +273,8 @@ def expand(args, tables: dict[str, Table]) -> list[Run]:
 
 
 def pretrain_commands(args, tables: dict[str, Table]) -> dict[str, list[str]]:
-    """label -> pretraining command, one per (net, dataset, seed) whose checkpoint is missing. A
-    checkpoint that exists but was trained at another width or image size than the table asks for
-    is an error: it is found by (net, dataset, seed) alone and would be used silently."""
+    """label -> pretraining command, one per (net, dataset, seed) whose checkpoint is missing. An
+    existing checkpoint of another image size than the table names is an error (check_recipe)."""
     cmds = {}
     for name, t in tables.items():
         for seed in args.seeds:
@@ -291,16 +290,14 @@ def pretrain_commands(args, tables: dict[str, Table]) -> dict[str, list[str]]:
 
 
 def check_recipe(name: str, table: Table, weights: Path) -> None:
-    """The checkpoint's width and image size are the ones the table's pretraining flags ask for."""
+    """A table that names its pretraining image size (the privacy suite's 16x16 originals) gets a
+    checkpoint of that size, not one that merely shares its (net, dataset, seed)."""
     flags = dict(zip(table.pretrain_flags[::2], table.pretrain_flags[1::2]))
-    wanted = {"width": flags.get("--width"), "image_size": flags.get("--image-size")}
-    if wanted["image_size"] is None and table.net == "resnet18":
-        wanted["image_size"] = "32"  # pretrain_model.py's default for a ResNet
-    spec = models.load_meta(weights).get("model_spec", {})
-    for field_name, want in wanted.items():
-        if want is not None and str(spec.get(field_name)) != want:
-            raise UserError(f"checkpoint {weights} has {field_name} {spec.get(field_name)}, but table {name} "
-                            f"pretrains with {want} (give this table a --checkpoint-dir of its own)")
+    want = flags.get("--image-size")
+    have = models.load_meta(weights).get("model_spec", {}).get("image_size")
+    if want is not None and str(have) != want:
+        raise UserError(f"checkpoint {weights} was trained at image size {have}, but table {name} pretrains at "
+                        f"{want} (give this table a --checkpoint-dir of its own)")
 
 
 def has_checkpoint(checkpoint_dir: str, net: str, dataset: str, seed: int) -> bool:

@@ -334,9 +334,10 @@ def load_privacy(paths: list[str]) -> dict[str, dict[str, list[dict]]]:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"privacy file {path} cannot be read ({type(e).__name__}: {e}) (pass a file that "
                             f"privacy.py --out wrote)") from None
-        for request in requests:
+        for request in requests:  # under the name its runs' records get (table_name), which the verdicts use
+            name = table_name(request) if "dataset" in request else request["table"]
             for method, numbers in request["methods"].items():
-                found[request["table"]][method].append({**numbers, "n_models": request["n_models"]})
+                found[name][method].append({**numbers, "n_models": request["n_models"]})
     return found
 
 

@@ -241,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
             if request == forget:
                 by_role.setdefault(role, []).append(recorded[run.key])
         seeds = sorted({s for request, _, s, _ in planned if request == forget})
+        table = next(iter(tables.values()))
         requests.append({"table": args.table, "forget": forget, "n_models": args.n_models, "seeds": seeds,
+                         "scenario": table.scenario, "net": table.net, "dataset": table.dataset,
                          "methods": request_stats(by_role, args.results)})
         print("\n" + show(requests[-1]))
     elapsed = time.time() - t0
@@ -250,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.out}")
     if not args.no_tables:
         subprocess.run([sys.executable, "make_tables.py", "--results", args.results, "--privacy", args.out,
-                        "--only", args.table, "--out", str(Path(args.out).with_suffix("")) + "-tables",
-                        "--no-figures"], cwd=Path(__file__).resolve().parent)
+                        "--out", str(Path(args.out).with_suffix("")) + "-tables", "--no-figures"],
+                       cwd=Path(__file__).resolve().parent)
     return 0
 
 

@@ -2,8 +2,15 @@
 unlearned models per method, from the per-example files the runs wrote; a second call runs nothing.
 A random request forgets the same samples in all of its models."""
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import experiments
+import make_tables
+import models
 import privacy
 import pytest
 import results
@@ -55,6 +62,15 @@ def test_many_models_find_the_original_out_and_reuse_every_run(tmp_path, origina
     assert "privacy: 12 runs, 12 already done, 0 to run" in capsys.readouterr().out
     again = json.loads((tmp_path / "p.json").read_text())
     assert again["requests"] == first["requests"]
+    # the verdict of these runs, rendered at the end, carries the privacy columns under the records' table name
+    verdict = (tmp_path / "p-tables" / "tables.md").read_text().split("### digits_full_resnet")[0]
+    header, rule, *rows = [re.split(r"(?<!\\)\|", line) for line in verdict.splitlines() if line.startswith("|")]
+    assert all(len(row) == len(header) for row in rows)
+    by_method = {row[1].strip(): row for row in rows}
+    column = header.index(" U-LiRA AUC ")
+    assert header[column - 1] == " F / ceiling "
+    assert float(by_method["baseline"][column]) == pytest.approx(baseline["ulira_auc"], abs=0.005)
+    assert float(by_method["retrain"][column]) == pytest.approx(retrain["ulira_auc"], abs=0.005)
 
 
 def test_a_random_request_forgets_the_same_samples_in_every_model(tmp_path, originals, tiny_tables):
@@ -97,3 +113,47 @@ def test_forget_seeds_name_the_random_requests():
 def test_bad_requests_are_refused_before_any_run(argv, match):
     with pytest.raises(UserError, match=match):
         privacy.parse_args(argv)
+
+
+def test_privacy_columns_are_means_over_requests(tmp_path):
+    numbers = lambda f, auc: {"f_over_ceiling": f, "ulira_auc": auc}  # noqa: E731
+    request = {"table": "mine", "n_models": 16, "scenario": "full_class", "net": "resnet18", "dataset": "pairs100"}
+    (tmp_path / "p.json").write_text(json.dumps({"requests": [
+        {**request, "forget": "07", "methods": {"ssd": numbers(0.2, 0.9), "retrain": numbers(1.1, 0.5)}},
+        {**request, "forget": "18", "methods": {"ssd": numbers(0.4, 0.7), "retrain": numbers(0.9, 0.4)}}]}))
+    found = make_tables.load_privacy([str(tmp_path / "p.json")])
+    assert set(found) == {"pairs100_full_resnet"} and len(found["pairs100_full_resnet"]["ssd"]) == 2
+    assert make_tables._privacy_cells(found["pairs100_full_resnet"]["ssd"]) == ("0.30", "0.80")
+    assert make_tables._privacy_cells(found["pairs100_full_resnet"]["retrain"]) == ("1.00", "0.45")
+    assert make_tables._privacy_cells([]) == ("n/a", "n/a")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(UserError, match="cannot be read"):
+        make_tables.load_privacy([str(tmp_path / "bad.json")])
+
+
+def test_the_privacy_suite_runs_through_privacy_py(tmp_path):
+    env = {**os.environ, "VENV": str(Path(sys.executable).parents[1])}
+    root = Path(__file__).resolve().parents[1]
+    run = lambda *argv, **extra: subprocess.run(["bash", "MAIN_run_experiments.sh", *argv], cwd=root,  # noqa: E731
+                                                capture_output=True, text=True, env={**env, **extra}, timeout=120)
+    assert "--n-models" in run("--suite", "privacy", "--help").stdout
+    assert "--n-models" in run("--help", SUITE="privacy").stdout
+    assert "--n-models" not in run("--suite", "quick", "--help").stdout
+    with pytest.raises(UserError, match="runs through privacy.py"):
+        experiments.main(["--suite", "privacy", "--results", str(tmp_path / "r.jsonl")])
+    # its originals are 16x16 in a folder of their own; the pairs' usual 32x32 ones are refused there
+    args = privacy.parse_args([])
+    assert args.checkpoint_dir == experiments.PRIVACY_CHECKPOINTS and args.out == "runs/privacy-seeds1-16.json"
+    suite = experiments.PRIVACY_TABLES["pairs100_full_resnet"]
+    assert suite.classes == ["07", "18"] and suite.pretrain_flags[-2:] == ["--image-size", "16"]
+    folder = tmp_path / "resnet18-pairs100-seed1"
+    folder.mkdir()
+    (folder / "model.pt").write_bytes(b"")
+    (folder / "meta.json").write_text(json.dumps({"net": "resnet18", "dataset": "pairs100", "seed": 1,
+                                                  "model_spec": models.make_spec("resnet18", 100, 32, 16)}))
+    driver = experiments.parse_args(["--suite", "privacy", "--seeds", "1", "--checkpoint-dir", str(tmp_path),
+                                     "--results", str(tmp_path / "r.jsonl"), "--logs", str(tmp_path / "logs")])
+    with pytest.raises(UserError, match="trained at image size 32, but table pairs100_full_resnet pretrains at 16"):
+        experiments.pretrain_commands(driver, experiments.select_tables(driver))
+    assert experiments.pretrain_commands(driver, {"pairs100_full_resnet": experiments.TABLES["pairs100_full_resnet"]}) \
+        == {}
