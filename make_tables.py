@@ -275,10 +275,11 @@ def build_verdicts(tables: dict[str, Table], records: list[dict]) -> dict[str, l
     for r in records:  # the last record of a key wins, as in the tables
         if isinstance(r.get("config"), dict) and r["config"].get("method"):
             kept[r.get("key")] = r
-    cells = defaultdict(dict)  # (table, class, seed, original's seed) -> method -> record
+    cells = defaultdict(dict)  # (table, class, seed, original's seed, forget seed) -> method -> record
     for r in kept.values():
         c = r["config"]
-        cells[(table_name(c), str(c.get("forget_class")), c.get("seed"), c.get("model_seed"))][c["method"]] = r
+        cells[(table_name(c), str(c.get("forget_class")), c.get("seed"), c.get("model_seed"),
+               c.get("forget_seed"))][c["method"]] = r
     verdicts = {}
     for name, table in tables.items():
         per_method = defaultdict(list)

@@ -111,3 +111,16 @@ def test_verdict_cells_keep_the_originals_of_random_requests_apart():
     tables = make_tables.build_tables(records)
     verdicts = make_tables.build_verdicts(tables, records)["pairs100_full_resnet"]
     assert {v.method: v.cells for v in verdicts} == {"baseline": 2, "retrain": 2, "ssd": 2}
+
+
+def test_verdict_cells_keep_the_forget_seeds_of_one_original_apart():
+    records = []
+    for forget_seed in (1, 2):
+        for m, df in (("baseline", 100.0), ("retrain", 0.0), ("ssd", 0.0)):
+            r = _record(m, df, 0.5)
+            r["key"] += f"-f{forget_seed}"
+            r["config"]["forget_seed"] = forget_seed
+            records.append(r)
+    tables = make_tables.build_tables(records)
+    verdicts = make_tables.build_verdicts(tables, records)["pairs100_full_resnet"]
+    assert {v.method: v.cells for v in verdicts} == {"baseline": 2, "retrain": 2, "ssd": 2}
