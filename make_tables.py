@@ -342,12 +342,14 @@ def load_privacy(paths: list[str]) -> dict[str, dict[str, list[dict]]]:
     return found
 
 
+def _privacy_mean(entries: list[dict], name: str) -> str:
+    values = [e[name] for e in entries if _known(e.get(name))]
+    return f"{statistics.fmean(values):.2f}" if values else "n/a"
+
+
 def _privacy_cells(entries: list[dict]) -> tuple[str, str]:
     """F / ceiling and U-LiRA AUC, each the mean over the requests."""
-    def mean(name):
-        values = [e[name] for e in entries if _known(e.get(name))]
-        return f"{statistics.fmean(values):.2f}" if values else "n/a"
-    return mean("f_over_ceiling"), mean("ulira_auc")
+    return _privacy_mean(entries, "f_over_ceiling"), _privacy_mean(entries, "ulira_auc")
 
 
 def verdict_markdown(verdicts: dict[str, list[Verdict]], tables: dict[str, Table],
@@ -384,12 +386,13 @@ def verdict_markdown(verdicts: dict[str, list[Verdict]], tables: dict[str, Table
         if private:
             sizes = sorted({e["n_models"] for entries in private.values() for e in entries})
             requests = max(len(entries) for entries in private.values())
+            null = _privacy_mean(next(iter(private.values())), "ulira_auc_ceiling")  # the same for every method
             lines += [f"- F / ceiling and U-LiRA AUC (privacy.py): N = {', '.join(map(str, sizes))} models "
                       f"per side, means over {requests} requests. F / ceiling: the competition's forgetting "
                       f"quality over F of independent retrains (1: as good as retraining; 0: found out). "
                       f"U-LiRA AUC: 0.5, the attack cannot tell the method's models from retrained ones; "
-                      f"1, it always can. retrain's row: the method `retrain`, on other seeds than the "
-                      f"reference retrains."]
+                      f"1, it always can; independent retrains against the reference read {null}. retrain's "
+                      f"row: the method `retrain`, on other seeds than the reference retrains."]
         for v in rows:
             if v.statuses:
                 lines.append(f"- {v.method} search status: " + ", ".join(f"{k} {n}" for k, n in sorted(v.statuses.items())))

@@ -56,6 +56,7 @@ def test_many_models_find_the_original_out_and_reuse_every_run(tmp_path, origina
     assert retrain["forgetting_quality"] > baseline["forgetting_quality"] and retrain["ulira_auc"] < baseline["ulira_auc"]
     assert retrain["loss_auc_sd"] is not None and request["methods"]["reference retrain"]["loss_auc_mean"] is not None
     assert retrain["ceiling"] == baseline["ceiling"] and 0.0 <= retrain["forgetting_quality"] <= 1.0
+    assert retrain["ulira_auc_ceiling"] == baseline["ulira_auc_ceiling"] < baseline["ulira_auc"]
     # 3 originals' baselines, 3 reference retrains, 3 retrains as the method, 3 ceiling retrains
     assert "privacy: 12 runs, 0 already done, 12 to run" in capsys.readouterr().out
     assert privacy.main(argv) == 0
@@ -116,7 +117,7 @@ def test_bad_requests_are_refused_before_any_run(argv, match):
 
 
 def test_privacy_columns_are_means_over_requests(tmp_path):
-    numbers = lambda f, auc: {"f_over_ceiling": f, "ulira_auc": auc}  # noqa: E731
+    numbers = lambda f, auc: {"f_over_ceiling": f, "ulira_auc": auc, "ulira_auc_ceiling": auc - 0.1}  # noqa: E731
     request = {"table": "mine", "n_models": 16, "scenario": "full_class", "net": "resnet18", "dataset": "pairs100"}
     (tmp_path / "p.json").write_text(json.dumps({"requests": [
         {**request, "forget": "07", "methods": {"ssd": numbers(0.2, 0.9), "retrain": numbers(1.1, 0.5)}},
@@ -126,6 +127,7 @@ def test_privacy_columns_are_means_over_requests(tmp_path):
     assert make_tables._privacy_cells(found["pairs100_full_resnet"]["ssd"]) == ("0.30", "0.80")
     assert make_tables._privacy_cells(found["pairs100_full_resnet"]["retrain"]) == ("1.00", "0.45")
     assert make_tables._privacy_cells([]) == ("n/a", "n/a")
+    assert make_tables._privacy_mean(found["pairs100_full_resnet"]["ssd"], "ulira_auc_ceiling") == "0.70"
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(UserError, match="cannot be read"):
         make_tables.load_privacy([str(tmp_path / "bad.json")])
