@@ -159,7 +159,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--extra", default=env("EXTRA", ""), help="extra flags for every forget run, e.g. '--wandb disabled'")
     cluster.add_flags(p)
     args = p.parse_args(argv)
-    known = {**TABLES, **PRIVACY_TABLES} if args.suite == "privacy" else TABLES
+    known = known_tables(args.suite)
     unknown = [t for t in args.table or [] if t not in known]
     if unknown:
         raise UserError(f"unknown table {', '.join(unknown)} (choose from {', '.join(known)})")
@@ -212,10 +212,14 @@ def check_gpus(slots: list[str]) -> None:
         raise UserError(f"GPU {missing[0]} does not exist: this machine has {count} GPU(s) ({fix})")
 
 
+def known_tables(suite: str | None) -> dict[str, Table]:
+    """The tables --table can name: the privacy suite's own versions take their names' place there."""
+    return {**TABLES, **PRIVACY_TABLES} if suite == "privacy" else TABLES
+
+
 def select_tables(args) -> dict[str, Table]:
     if args.table:
-        known = {**TABLES, **PRIVACY_TABLES} if args.suite == "privacy" else TABLES
-        return {t: known[t] for t in args.table}
+        return {t: known_tables(args.suite)[t] for t in args.table}
     return {"quick": QUICK_TABLES, "verdict": VERDICT_TABLES, "digits": DIGITS_TABLES,
             "privacy": PRIVACY_TABLES}.get(args.suite) or _paper_tables()
 
@@ -292,10 +296,12 @@ def pretrain_commands(args, tables: dict[str, Table]) -> dict[str, list[str]]:
 def check_recipe(name: str, table: Table, weights: Path) -> None:
     """A table that names its pretraining image size (the privacy suite's 16x16 originals) gets a
     checkpoint of that size, not one that merely shares its (net, dataset, seed)."""
-    flags = dict(zip(table.pretrain_flags[::2], table.pretrain_flags[1::2]))
-    want = flags.get("--image-size")
+    flags = table.pretrain_flags
+    if "--image-size" not in flags:
+        return
+    want = flags[flags.index("--image-size") + 1]
     have = models.load_meta(weights).get("model_spec", {}).get("image_size")
-    if want is not None and str(have) != want:
+    if str(have) != want:
         raise UserError(f"checkpoint {weights} was trained at image size {have}, but table {name} pretrains at "
                         f"{want} (give this table a --checkpoint-dir of its own)")
 

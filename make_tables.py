@@ -8,7 +8,8 @@
 First, per table, the verdict against retrain: one row per method over every (forget class, seed) cell
 that also has retrain and baseline runs, with the mean |Df - Df(retrain)| and |MIA - MIA(retrain)|, the
 mean retain-test drop from the original, the counts of clean, collapsed, untouched and partial requests
-(metrics.outcome) and the mean method time. Then one table per (dataset, scenario, net), named like
+(metrics.outcome) and the mean method time; with --privacy (privacy.py's JSON), also F / ceiling and
+U-LiRA AUC. Then one table per (dataset, scenario, net), named like
 experiments.py's TABLES (cifar20_sub_vit). Rows are
 methods; columns are Df accuracy, retain-test accuracy (Dr), MIA and method time, each the mean ± sample
 std (ddof=1) over seeds, and over forget classes unless --per-class. A run recorded twice counts once.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import math
 import statistics
 import sys
@@ -326,8 +328,6 @@ def _known(*values) -> bool:
 
 def load_privacy(paths: list[str]) -> dict[str, dict[str, list[dict]]]:
     """table -> method -> one entry per request, from the JSON files privacy.py --out wrote."""
-    import json
-
     found: dict = defaultdict(lambda: defaultdict(list))
     for path in paths:
         try:
@@ -599,8 +599,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     verdicts = build_verdicts(tables, records)  # the table a reader looks at first
-    text = verdict_markdown(verdicts, tables, load_privacy(args.privacy) if args.privacy else None) + ("\n" if verdicts else "") + to_markdown(tables, args.per_class,
-                                                                                      args.std_floor)
+    privacy = load_privacy(args.privacy) if args.privacy else None
+    text = verdict_markdown(verdicts, tables, privacy) + ("\n" if verdicts else "") + to_markdown(
+        tables, args.per_class, args.std_floor)
     (out / "tables.md").write_text(text)
     (out / "tables.csv").write_text(to_csv(tables))
     if args.latex:

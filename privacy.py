@@ -90,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"per side (pass --n-models 3 or more; 16 is the default)")
     if args.first_seed < 0:
         raise UserError(f"--first-seed {args.first_seed} is negative (pass 0 or more)")
-    known = {**experiments.TABLES, **experiments.PRIVACY_TABLES}
+    known = experiments.known_tables("privacy")
     table = known.get(args.table)
     if table is None:
         raise UserError(f"unknown table {args.table} (choose from {', '.join(known)})")
