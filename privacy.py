@@ -46,7 +46,7 @@ import privacy_stats
 import results
 import runner
 import worker
-from cli import ArgumentParser, run_cli
+from cli import SHARED_FLAGS, ArgumentParser, run_cli
 from common import UserError, atomic_write_json
 
 PRIVACY_METHODS = ["baseline", "retrain", "ssd", "assd", "ssd_search", "finetune", "amnesiac"]
@@ -95,7 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if table is None:
         raise UserError(f"unknown table {args.table} (choose from {', '.join(known)})")
     own = args.table in experiments.PRIVACY_TABLES
-    args.checkpoint_dir = args.checkpoint_dir or (experiments.PRIVACY_CHECKPOINTS if own else "runs/pretrain")
+    shared_default = SHARED_FLAGS["checkpoint_dir"][1]["default"]
+    args.checkpoint_dir = args.checkpoint_dir or (experiments.PRIVACY_CHECKPOINTS if own else shared_default)
     last = args.first_seed + args.n_models - 1
     args.out = args.out or f"runs/privacy-seeds{args.first_seed}-{last}.json"
     args.forget_seeds = forget_seeds(args, table)
@@ -178,18 +179,17 @@ def request_stats(by_role: dict[str, list[dict]], path: str) -> dict:
     import numpy as np
 
     ref_phi, ref_retain, ref_test, ref_loss = stack(by_role["reference"], path)
+    ref_phi = np.array(ref_phi)
     ceiling_phi = np.array(stack(by_role["ceiling"], path)[0])
-    ceiling = privacy_stats.ceiling(ceiling_phi, np.array(ref_phi))
-    # U-LiRA's reading for a perfect unlearner here: retrains against retrains. Its phi vary mostly by
-    # model, not by example, so at small N this AUC scatters around 0.5 by about 0.1.
-    ulira_ceiling = privacy_stats.ulira(ceiling_phi, np.array(ref_phi))["auc"]
+    ceiling = privacy_stats.ceiling(ceiling_phi, ref_phi)
+    ulira_ceiling = privacy_stats.ulira(ceiling_phi, ref_phi)["auc"]  # a perfect unlearner's AUC here
     out = {}
     for role, records in by_role.items():
         if role in ("reference", "ceiling"):
             continue
         phi, retain, test, losses = stack(records, path)
-        f, _ = privacy_stats.forgetting_quality(np.array(phi), np.array(ref_phi))
-        attack = privacy_stats.ulira(np.array(phi), np.array(ref_phi))
+        f, _ = privacy_stats.forgetting_quality(np.array(phi), ref_phi)
+        attack = privacy_stats.ulira(np.array(phi), ref_phi)
         known = [v for v in losses if v is not None]
         out[role] = {"forgetting_quality": f, "ceiling": ceiling, "f_over_ceiling": f / ceiling if ceiling else None,
                      "final_score": privacy_stats.final_score(f, retain, ref_retain, test, ref_test),
